@@ -1,0 +1,1 @@
+"""edgekv: long-context LLM inference with an offloaded, compressed KV cache."""

@@ -1,0 +1,1 @@
+"""Attention and KV-compression kernels: Triton kernels beside their torch reference twins."""

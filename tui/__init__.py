@@ -1,0 +1,1 @@
+"""The `edgekv chat` terminal app (textual)."""
