@@ -1,0 +1,109 @@
+"""The policy: every knob of a run, as one frozen, validated dataclass passed down.
+
+`Policy.from_kwargs(**kw)` is the only way user input becomes a policy: an unknown key or
+a bad value is an `EdgekvError` naming the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+
+from .errors import EdgekvError
+
+KV_BITS = (2, 4, 8, 16)
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def parse_budget(value: int | str) -> int | str:
+    """A sparse-attention budget: a token count (int >= 1), a fraction ("10%"), or "all".
+
+    Returns the canonical form: an int, a string "N%" with 0 < N <= 100, or "all".
+    """
+    if isinstance(value, bool):
+        raise EdgekvError(f"invalid budget {value!r}: use a token count (2048), a percentage ('10%') or 'all'")
+    if isinstance(value, int):
+        if value < 1:
+            raise EdgekvError(f"invalid budget {value}: a token budget must be at least 1")
+        return value
+    text = str(value).strip().lower()
+    if text == "all":
+        return "all"
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise ValueError
+            return f"{pct:g}%"
+        return parse_budget(int(text))
+    except ValueError:
+        raise EdgekvError(
+            f"invalid budget {value!r}: use a token count (2048), a percentage ('10%') or 'all'"
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How one engine runs. Sizes are bytes, counts are tokens.
+
+    device / dtype: where and in what precision weights and activations live
+        ("auto": CUDA with bfloat16/float16 when present, else CPU with float32).
+    prefill_chunk: tokens per prefill forward pass (bounds activation memory).
+    block_size: tokens per KV block (the paging and selection unit).
+    kv_bits: precision of the offloaded KV blocks (16 = uncompressed).
+    recent_window: newest tokens kept exact and uncompressed.
+    budget: sparse-attention budget per decode step ("all" = dense).
+    threads: CPU threads for torch (0 = torch's default).
+    """
+
+    device: str = "auto"
+    dtype: str = "auto"
+    prefill_chunk: int = 512
+    block_size: int = 32
+    kv_bits: int = 16
+    recent_window: int = 64
+    budget: int | str = "all"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
+            raise EdgekvError(f"invalid device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.dtype not in DTYPES:
+            raise EdgekvError(f"invalid dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        _require_int("prefill_chunk", self.prefill_chunk, minimum=1)
+        _require_int("block_size", self.block_size, minimum=1)
+        _require_int("recent_window", self.recent_window, minimum=0)
+        _require_int("threads", self.threads, minimum=0)
+        if self.kv_bits not in KV_BITS:
+            raise EdgekvError(f"invalid kv_bits {self.kv_bits!r}: use one of {', '.join(map(str, KV_BITS))}")
+        object.__setattr__(self, "budget", parse_budget(self.budget))
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: object) -> "Policy":
+        """Build a policy from user keywords; unknown keys are an error (with a suggestion)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise EdgekvError(
+                    f"unknown policy key {key!r}{hint}; known keys: {', '.join(sorted(known))}"
+                )
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+    def replace(self, **changes: object) -> "Policy":
+        """A copy with some keys changed, validated like `from_kwargs`."""
+        merged = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        Policy.from_kwargs(**changes)  # reject unknown keys before merging
+        merged.update(changes)
+        return Policy(**merged)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def _require_int(name: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise EdgekvError(f"invalid {name} {value!r}: must be an integer >= {minimum}")

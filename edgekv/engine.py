@@ -1,0 +1,257 @@
+"""Prefill and decode: the engine that turns a prompt into tokens.
+
+    engine = edgekv.load()                      # embedded model, default policy
+    result = engine.generate("Summarise: …", max_new_tokens=64)
+    result.text, result.token_ids, result.stats
+
+One generate call is: encode the prompt (chat template for instruct models) → reuse the
+KV of the longest prefix shared with the previous call → chunked prefill of the rest →
+decode loop (sample, stream, stop). The engine keeps the KV of its last call, so a chat
+that resends its whole history, or a second question about the same document, only
+processes the new tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Policy
+from .errors import EdgekvError
+from .kvcache import PagedKVCache
+from .loader import ModelSource, load_config, load_state_dict, load_tokenizer, resolve_model
+from .model import Decoder
+from .sampling import sample_next
+from .textstream import TextStream, find_stop
+
+Messages = Sequence[dict]
+OnToken = Callable[[str], "bool | None"]
+OnProgress = Callable[[int, int], None]
+
+
+class ContextOverflowError(EdgekvError):
+    """The prompt plus the tokens to generate do not fit in the model's context."""
+
+    def __init__(self, needed: int, limit: int, prompt_tokens: int):
+        self.needed, self.limit, self.prompt_tokens = needed, limit, prompt_tokens
+        super().__init__(
+            f"input too long: {prompt_tokens} prompt tokens + generation need {needed} tokens, "
+            f"but the model's context is {limit} tokens; shorten the input, lower --max-new-tokens, "
+            f"or pass --truncate head|tail|middle"
+        )
+
+
+@dataclass
+class GenerateResult:
+    """text: the generated text (stop string excluded); token_ids: the generated ids."""
+
+    text: str
+    token_ids: list[int]
+    stats: dict = field(default_factory=dict)
+
+
+def _pick_device(policy: Policy) -> torch.device:
+    if policy.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(policy.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EdgekvError("device 'cuda' requested but no CUDA GPU is available: use --device cpu or auto")
+    return device
+
+
+def _pick_dtype(policy: Policy, device: torch.device) -> torch.dtype:
+    if policy.dtype != "auto":
+        return getattr(torch, policy.dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(model: str | os.PathLike | None = None, *, progress: bool = True, **policy: object) -> "Engine":
+    """Load a model (default: the embedded SmolLM2-135M-Instruct) with a validated policy."""
+    return Engine(resolve_model(model, progress=progress), Policy.from_kwargs(**policy))
+
+
+class Engine:
+    """One model, one policy, one sequence's KV cache kept between calls."""
+
+    def __init__(self, source: ModelSource, policy: Policy):
+        self.source, self.policy = source, policy
+        if policy.threads:
+            torch.set_num_threads(policy.threads)
+        self.device = _pick_device(policy)
+        self.dtype = _pick_dtype(policy, self.device)
+        self.config = load_config(source)
+        self.tokenizer = load_tokenizer(source)
+        with torch.inference_mode():
+            self.model = Decoder(self.config, load_state_dict(source), dtype=self.dtype, device=self.device)
+        self.shape = self.model.shape
+        self.eos_ids = self._eos_ids()
+        self.kv = self._new_cache()
+        self.cached_ids: list[int] = []  # token ids whose KV is in self.kv
+
+    # ---- facts about the model --------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+    @property
+    def max_context(self) -> int:
+        return self.shape.max_context
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for value in (self.config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    def _new_cache(self) -> PagedKVCache:
+        s = self.shape
+        return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                            block_size=self.policy.block_size, dtype=self.dtype, device=self.device)
+
+    # ---- policy and state -------------------------------------------------------------
+    def update_policy(self, **changes: object) -> None:
+        """Change policy keys (validated); a change to the KV layout drops the kept KV."""
+        new = self.policy.replace(**changes)
+        layout_changed = (new.block_size, new.kv_bits, new.dtype, new.device) != (
+            self.policy.block_size, self.policy.kv_bits, self.policy.dtype, self.policy.device)
+        self.policy = new
+        if layout_changed:
+            self.reset()
+
+    def reset(self) -> None:
+        """Forget the kept KV cache."""
+        self.kv = self._new_cache()
+        self.cached_ids = []
+
+    # ---- prompts ----------------------------------------------------------------------
+    def encode(self, prompt_or_messages: str | Messages) -> list[int]:
+        """Prompt token ids: a chat-templated message list, or plain text for base models."""
+        if isinstance(prompt_or_messages, str):
+            if self.tokenizer.chat_template:
+                prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
+            else:
+                return self.tokenizer.encode(prompt_or_messages)
+        if not self.tokenizer.chat_template:
+            text = "\n\n".join(m["content"] for m in prompt_or_messages)
+            return self.tokenizer.encode(text)
+        ids = self.tokenizer.apply_chat_template(list(prompt_or_messages), add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def count_tokens(self, prompt_or_messages: str | Messages) -> int:
+        return len(self.encode(prompt_or_messages))
+
+    # ---- the forward passes -----------------------------------------------------------
+    def _forward(self, ids: list[int]) -> torch.Tensor:
+        """Run new tokens through the model after the cached ones; returns last hidden [hidden]."""
+        start = self.kv.length
+        t = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device)
+        hidden = self.model(t, positions, self.kv)
+        self.cached_ids.extend(ids)
+        return hidden[-1]
+
+    def prefill(self, ids: list[int], on_progress: OnProgress | None = None) -> tuple[torch.Tensor, int]:
+        """Make the KV cache hold `ids`, reusing the shared prefix; returns (last logits, reused tokens).
+
+        At least the last token is always run so its logits are fresh.
+        """
+        shared = 0
+        limit = min(len(self.cached_ids), len(ids) - 1)
+        while shared < limit and self.cached_ids[shared] == ids[shared]:
+            shared += 1
+        self.kv.truncate(shared)
+        del self.cached_ids[shared:]
+        total, chunk = len(ids), self.policy.prefill_chunk
+        hidden = None
+        for begin in range(shared, total, chunk):
+            hidden = self._forward(ids[begin:begin + chunk])
+            if on_progress:
+                on_progress(min(begin + chunk, total), total)
+        return self.model.logits(hidden[None])[0], shared
+
+    @torch.inference_mode()
+    def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | None = None, on_token: OnToken | None = None,
+                 on_progress: OnProgress | None = None) -> GenerateResult:
+        """Generate up to `max_new_tokens` tokens after the prompt.
+
+        on_token(piece) is called with each new piece of text; returning False stops
+        at once (finish_reason "cancelled"). on_progress(done, total) reports prefill tokens.
+        """
+        if max_new_tokens < 0:
+            raise EdgekvError(f"invalid max_new_tokens {max_new_tokens}: must be >= 0")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise EdgekvError("invalid sampling options: temperature must be >= 0 and top_p in (0, 1]")
+        ids = self.encode(prompt_or_messages)
+        if not ids:
+            raise EdgekvError("empty prompt: give some text to process")
+        needed = len(ids) + max_new_tokens
+        if needed > self.max_context:
+            raise ContextOverflowError(needed, self.max_context, len(ids))
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
+
+        t0 = time.perf_counter()
+        logits, reused = self.prefill(ids, on_progress)
+        t_prefill = time.perf_counter() - t0
+
+        stream, stops = TextStream(self.tokenizer), [s for s in (stop or []) if s]
+        generated: list[int] = []
+        finish, ttft, cut = "length", None, None
+        t_decode0 = time.perf_counter()
+        while len(generated) < max_new_tokens:
+            if generated:
+                logits = self.model.logits(self._forward([generated[-1]])[None])[0]
+            token = sample_next(logits.cpu(), temperature=temperature, top_p=top_p, generator=generator)
+            if ttft is None:
+                ttft = time.perf_counter() - t0
+            if token in self.eos_ids:
+                finish = "eos"
+                break
+            generated.append(token)
+            before = len(stream.text)
+            piece = stream.push(token)
+            if stops and (cut := find_stop(stream.text, stops, before)) is not None:
+                piece = stream.text[before:cut] if cut > before else ""
+                finish = "stop"
+            if piece and on_token and on_token(piece) is False:
+                finish = "cancelled"
+                break
+            if finish == "stop":
+                break
+        t_decode = time.perf_counter() - t_decode0
+        text = stream.text if cut is None else stream.text[:cut]
+        return GenerateResult(text=text, token_ids=generated, stats=self._stats(
+            ids, reused, generated, t_prefill, t_decode, ttft, finish))
+
+    def _stats(self, ids, reused, generated, t_prefill, t_decode, ttft, finish) -> dict:
+        prefilled = len(ids) - reused
+        decode_steps = max(len(generated) - 1, 0)  # the first token comes from prefill logits
+        return {
+            "prompt_tokens": len(ids),
+            "reused_tokens": reused,
+            "generated_tokens": len(generated),
+            "ttft_s": round(ttft if ttft is not None else t_prefill, 6),
+            "prefill_s": round(t_prefill, 6),
+            "prefill_tok_s": round(prefilled / t_prefill, 3) if t_prefill > 0 else 0.0,
+            "decode_s": round(t_decode, 6),
+            "decode_tok_s": round(decode_steps / t_decode, 3) if decode_steps and t_decode > 0 else 0.0,
+            "kv_bytes": {"device": self.kv.nbytes()},
+            "finish_reason": finish,
+            "model": self.model_name,
+            "device": str(self.device),
+        }

@@ -1,0 +1,187 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) with an explicit layer loop.
+
+The maths follows transformers' own implementation step for step (RMSNorm in float32,
+rotary embedding from transformers' rope initialisers, SiLU-gated MLP), so logits agree
+with transformers' forward to float rounding. Attention is not done here: each layer
+hands its rotated queries, keys and values to the KV cache, which stores them and
+attends (`KVCache.attend`). That call is where tiers, selection and kernels hook in.
+
+Batch size is one sequence: activations are [T, hidden] for T new tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from .errors import EdgekvError
+
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """The sizes of a decoder, read from its transformers config."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int  # tokens the model can attend over
+    rms_eps: float
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        max_context = config.max_position_embeddings
+        window = getattr(config, "sliding_window", None)
+        if window and getattr(config, "use_sliding_window", True):
+            # edgekv attends the whole context; within the window that is the same maths.
+            max_context = min(max_context, window)
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads or config.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            max_context=max_context,
+            rms_eps=config.rms_norm_eps,
+        )
+
+
+class KVCache(Protocol):
+    """What the layer loop needs from a KV cache."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k, v for the new tokens of `layer` and attend with q over everything stored.
+
+        q: [num_heads, T, head_dim]; k, v: [num_kv_heads, T, head_dim] (rotated keys).
+        Returns [num_heads, T, head_dim]. The new tokens sit at positions
+        `length .. length+T-1`, where `length` is the count before this forward pass.
+        """
+
+    def commit(self, num_tokens: int) -> None:
+        """All layers have stored `num_tokens` new tokens: advance the length."""
+
+
+def rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [head_dim/2] float32 and the cos/sin scale, as transformers computes them."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise EdgekvError(f"unsupported rope scaling {rope_type!r}: edgekv supports {', '.join(STATIC_ROPE_TYPES)}")
+    if rope_type == "default":
+        shape = ModelShape.from_config(config)
+        base = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+        dims = torch.arange(0, shape.head_dim, 2, dtype=torch.int64).to(torch.float32)
+        return 1.0 / (base ** (dims / shape.head_dim)), 1.0
+    inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv_freq.to(torch.float32), float(scale)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Decoder(torch.nn.Module):
+    """Weights of one Llama-family model and its forward pass.
+
+    Weight names are transformers' (`model.layers.{i}.self_attn.q_proj.weight`, …), so a
+    transformers state dict loads as is.
+    """
+
+    def __init__(self, config, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.shape = ModelShape.from_config(config)
+        s = self.shape
+
+        def take(name: str, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+            if name not in state:
+                raise EdgekvError(f"the weights have no tensor {name!r}: the model files do not match its config")
+            t = state[name]
+            if rows is not None and t.shape[0] != rows or cols is not None and t.shape[-1] != cols:
+                raise EdgekvError(f"tensor {name!r} has shape {tuple(t.shape)}, which does not match the config")
+            return t.to(device=device, dtype=dtype)
+
+        def maybe(name: str) -> torch.Tensor | None:
+            return take(name) if name in state else None
+
+        q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.embed = take("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
+        self.layers = []
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            self.layers.append({
+                "ln1": take(p + "input_layernorm.weight"),
+                "ln2": take(p + "post_attention_layernorm.weight"),
+                "q": take(p + "self_attn.q_proj.weight", q_rows, s.hidden_size),
+                "k": take(p + "self_attn.k_proj.weight", kv_rows, s.hidden_size),
+                "v": take(p + "self_attn.v_proj.weight", kv_rows, s.hidden_size),
+                "o": take(p + "self_attn.o_proj.weight", s.hidden_size, q_rows),
+                "q_bias": maybe(p + "self_attn.q_proj.bias"),
+                "k_bias": maybe(p + "self_attn.k_proj.bias"),
+                "v_bias": maybe(p + "self_attn.v_proj.bias"),
+                "o_bias": maybe(p + "self_attn.o_proj.bias"),
+                "gate": take(p + "mlp.gate_proj.weight", s.intermediate_size, s.hidden_size),
+                "up": take(p + "mlp.up_proj.weight", s.intermediate_size, s.hidden_size),
+                "down": take(p + "mlp.down_proj.weight", s.hidden_size, s.intermediate_size),
+                "gate_bias": maybe(p + "mlp.gate_proj.bias"),
+                "up_bias": maybe(p + "mlp.up_proj.bias"),
+                "down_bias": maybe(p + "mlp.down_proj.bias"),
+            })
+        self.norm = take("model.norm.weight")
+        tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
+        self.lm_head = self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size)
+        inv_freq, self.rope_scale = rope_inverse_frequencies(config)
+        self.inv_freq = inv_freq.to(device)
+        self.dtype, self.device = dtype, device
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.shape.rms_eps)
+        return weight * x32.to(x.dtype)
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, head_dim] in the model dtype for int64 positions [T]."""
+        freqs = positions[:, None].to(torch.float32) * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+        """Run T new tokens through every layer.
+
+        input_ids, positions: int64 [T]. Returns the final-normed hidden states [T, hidden].
+        """
+        s = self.shape
+        T = input_ids.shape[0]
+        x = F.embedding(input_ids, self.embed)
+        cos, sin = self.rope(positions)
+        for i, w in enumerate(self.layers):
+            h = self._rms_norm(x, w["ln1"])
+            q = F.linear(h, w["q"], w["q_bias"]).view(T, s.num_heads, s.head_dim).transpose(0, 1)
+            k = F.linear(h, w["k"], w["k_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            v = F.linear(h, w["v"], w["v_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            q = q * cos + _rotate_half(q) * sin  # [Hq, T, D]
+            k = k * cos + _rotate_half(k) * sin  # [Hkv, T, D]
+            attn = kv.attend(i, q, k, v)  # [Hq, T, D]
+            x = x + F.linear(attn.transpose(0, 1).reshape(T, s.num_heads * s.head_dim), w["o"], w["o_bias"])
+            h = self._rms_norm(x, w["ln2"])
+            gated = F.silu(F.linear(h, w["gate"], w["gate_bias"])) * F.linear(h, w["up"], w["up_bias"])
+            x = x + F.linear(gated, w["down"], w["down_bias"])
+        kv.commit(T)
+        return self._rms_norm(x, self.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[T, hidden] -> float32 logits [T, vocab]."""
+        return F.linear(hidden, self.lm_head).float()
