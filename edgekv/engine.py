@@ -28,7 +28,7 @@ from .model import Decoder
 from .sampling import sample_next
 from .textstream import TextStream, find_stop
 
-Messages = Sequence[dict]
+Messages = Sequence[dict] | Sequence[int]
 OnToken = Callable[[str], "bool | None"]
 OnProgress = Callable[[int, int], None]
 
@@ -134,7 +134,9 @@ class Engine:
 
     # ---- prompts ----------------------------------------------------------------------
     def encode(self, prompt_or_messages: str | Messages) -> list[int]:
-        """Prompt token ids: a chat-templated message list, or plain text for base models."""
+        """Prompt token ids: token ids as given, a chat-templated message list, or plain text."""
+        if isinstance(prompt_or_messages, (list, tuple)) and all(isinstance(t, int) for t in prompt_or_messages):
+            return list(prompt_or_messages)
         if isinstance(prompt_or_messages, str):
             if self.tokenizer.chat_template:
                 prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
@@ -184,9 +186,11 @@ class Engine:
     def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, on_token: OnToken | None = None,
-                 on_progress: OnProgress | None = None) -> GenerateResult:
+                 on_progress: OnProgress | None = None, ignore_eos: bool = False) -> GenerateResult:
         """Generate up to `max_new_tokens` tokens after the prompt.
 
+        prompt_or_messages: text, a list of {"role", "content"} messages (chat template
+        applied for instruct models), or a list of token ids used as is.
         on_token(piece) is called with each new piece of text; returning False stops
         at once (finish_reason "cancelled"). on_progress(done, total) reports prefill tokens.
         """
@@ -219,7 +223,7 @@ class Engine:
             token = sample_next(logits.cpu(), temperature=temperature, top_p=top_p, generator=generator)
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            if token in self.eos_ids:
+            if token in self.eos_ids and not ignore_eos:
                 finish = "eos"
                 break
             generated.append(token)

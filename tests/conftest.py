@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import os
 import shutil
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
 
 import pytest
 import torch

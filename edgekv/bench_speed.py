@@ -1,0 +1,141 @@
+"""`edgekv bench speed`: prefill and decode speed of edgekv vs transformers, in one run.
+
+Both run the same model files, the same token ids and the same greedy decoding on the
+same device and threads; the engines alternate per context so background load hits both.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import EdgekvError
+
+
+def parse_contexts(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 16:
+        raise EdgekvError(f"invalid --contexts {text!r}: give comma-separated token counts >= 16, e.g. 1024,4096")
+    return values
+
+
+def prompt_ids(tokenizer, length: int) -> list[int]:
+    """`length` token ids of real English text (Python's own pydoc topics, repeated if short)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    while len(ids) < length:
+        ids = ids + ids
+    return ids[:length]
+
+
+class _TokenClock:
+    """A transformers streamer that timestamps each token generate() emits."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def time_transformers(model, ids: list[int], decode_tokens: int) -> dict:
+    """Prefill and decode speed of transformers' generate (DynamicCache, greedy)."""
+    clock = _TokenClock()
+    inputs = torch.tensor([ids], device=model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=decode_tokens,
+                       min_new_tokens=decode_tokens, do_sample=False, streamer=clock, pad_token_id=0)
+    # times[0]: the prompt is handed over; times[1]: first new token; times[-1]: last token
+    ttft = clock.times[1] - start
+    decode_s = clock.times[-1] - clock.times[1]
+    return {"prefill_tok_s": len(ids) / ttft, "decode_tok_s": (len(clock.times) - 2) / decode_s, "ttft_s": ttft}
+
+
+def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
+    engine.reset()
+    result = engine.generate(ids, max_new_tokens=decode_tokens, ignore_eos=True)
+    s = result.stats
+    return {"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "ttft_s": s["ttft_s"]}
+
+
+def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
+                    threads: int | None) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    from .engine import load
+
+    if threads:
+        torch.set_num_threads(threads)
+    engine = load(model)
+    limit = engine.max_context - decode_tokens
+    if max(contexts) > limit:
+        raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {engine.max_context}")
+    reference = AutoModelForCausalLM.from_pretrained(engine.source.folder, dtype=engine.dtype).to(engine.device).eval()
+    print(f"bench speed: {engine.model_name} on {engine.device} ({torch.get_num_threads()} threads), "
+          f"{decode_tokens} decode tokens per context", file=sys.stderr)
+    warm = prompt_ids(engine.tokenizer, 64)
+    time_edgekv(engine, warm, 4)
+    time_transformers(reference, warm, 4)
+    rows = []
+    for n in contexts:
+        ids = prompt_ids(engine.tokenizer, n)
+        ours = time_edgekv(engine, ids, decode_tokens)
+        theirs = time_transformers(reference, ids, decode_tokens)
+        row = {"context": n, "edgekv": ours, "transformers": theirs,
+               "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
+               "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+        rows.append(row)
+        print(f"  context {n:>6}: done", file=sys.stderr)
+    print(format_table(rows))
+    write_plot(rows, plot)
+    print(f"plot written to {plot}", file=sys.stderr)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = (f"{'context':>8} | {'prefill tok/s':>28} | {'decode tok/s':>26}\n"
+            f"{'':>8} | {'edgekv':>8} {'transf.':>8} {'ratio':>8} | {'edgekv':>7} {'transf.':>8} {'ratio':>8}")
+    lines = [head, "-" * len(head.splitlines()[1])]
+    for r in rows:
+        e, t = r["edgekv"], r["transformers"]
+        lines.append(f"{r['context']:>8} | {e['prefill_tok_s']:>8.0f} {t['prefill_tok_s']:>8.0f} {r['prefill_ratio']:>7.2f}x"
+                     f" | {e['decode_tok_s']:>7.1f} {t['decode_tok_s']:>8.1f} {r['decode_ratio']:>7.2f}x")
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [r["context"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
+        for name in ("edgekv", "transformers"):
+            ax.plot(ctx, [r[name][key] for r in rows], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("tokens / s")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise EdgekvError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

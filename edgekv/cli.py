@@ -1,0 +1,240 @@
+"""The `edgekv` command line: generate, chat, info, bench, cache.
+
+Every user-fixable problem becomes one `error: …` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+from typer.core import TyperGroup
+
+from .errors import EdgekvError
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, bad value) as one `error: …` line and exit 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):  # noqa: D102
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as exc:
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ == "NoArgsIsHelpError" and ctx is not None:
+                typer.echo(ctx.get_help())
+                sys.exit(0)
+            message = " ".join(exc.format_message().split()) if hasattr(exc, "format_message") else str(exc)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            typer.echo(f"error: {message}{hint}", err=True)
+            sys.exit(2)
+        except typer.Abort:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Long-context LLM inference with an offloaded, compressed KV cache.")
+bench_app = typer.Typer(no_args_is_help=True, help="Side-by-side benchmarks (ratios measured in one run).")
+app.add_typer(bench_app, name="bench")
+
+
+class Truncate(str, Enum):
+    head = "head"
+    tail = "tail"
+    middle = "middle"
+
+
+def fail(message: str) -> None:
+    """Print one error line and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn EdgekvError into one line + exit 2; Ctrl+C into exit 130 without a traceback."""
+    try:
+        yield
+    except EdgekvError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+# Policy options shared by generate, chat and bench. None = keep the policy default.
+ModelOpt = typer.Option(None, "--model", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct).")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
+DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat16.")
+BlockOpt = typer.Option(None, "--block-size", help="Tokens per KV block.")
+ChunkOpt = typer.Option(None, "--prefill-chunk", help="Tokens per prefill pass (bounds memory).")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
+
+
+def policy_kwargs(**options: object) -> dict:
+    """The policy keys the user actually set on the command line."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
+@app.command()
+def generate(
+    path: str = typer.Argument(..., help="Document to read (UTF-8 text), or - for standard input."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction about the document."),
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (with --temperature > 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    truncate: Optional[Truncate] = typer.Option(None, "--truncate", help="When too long, drop the document's head, tail or middle."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the run's figures as JSON here."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    block_size: Optional[int] = BlockOpt,
+    prefill_chunk: Optional[int] = ChunkOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Answer a question about a long document; the answer streams to stdout."""
+    from .documents import document_messages, fit_document, read_document
+    from .report import ProgressBar, summary_line
+
+    with user_errors():
+        if not prompt.strip():
+            raise EdgekvError("empty prompt: pass a question with --prompt")
+        if max_new_tokens < 1:
+            raise EdgekvError(f"invalid --max-new-tokens {max_new_tokens}: must be at least 1")
+        document = read_document(path)
+        from . import load
+
+        engine = load(model, **policy_kwargs(device=device, dtype=dtype, block_size=block_size,
+                                             prefill_chunk=prefill_chunk, threads=threads))
+        document = fit_document(engine, document, prompt, max_new_tokens=max_new_tokens,
+                                truncate=truncate.value if truncate else None)
+        messages = document_messages(document, prompt)
+        total = engine.count_tokens(messages)
+        progress = ProgressBar("prefill") if total > engine.policy.prefill_chunk else None
+
+        def stream(piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+        result = engine.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, seed=seed, on_token=stream, on_progress=progress)
+        sys.stdout.write("\n")
+        typer.echo(summary_line(result.stats), err=True)
+        if stats_json:
+            write_json(stats_json, result.stats)
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EdgekvError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@app.command()
+def info(model: Optional[str] = ModelOpt) -> None:
+    """Print the model, device, library versions and memory."""
+    import platform
+
+    import psutil
+    import torch
+
+    from .loader import load_config, resolve_model
+    from .model import ModelShape
+    from .report import format_bytes
+
+    with user_errors():
+        source = resolve_model(model)
+        shape = ModelShape.from_config(load_config(source))
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    mem = psutil.virtual_memory()
+    lines = [
+        f"model       {source.name}  ({source.folder})",
+        f"shape       {shape.num_layers} layers, {shape.num_heads} heads / {shape.num_kv_heads} KV heads, "
+        f"head dim {shape.head_dim}, hidden {shape.hidden_size}, vocab {shape.vocab_size}, context {shape.max_context}",
+        f"KV per token {format_bytes(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2)} at 16 bits",
+        f"python      {platform.python_version()}",
+        f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none'}, available: {torch.cuda.is_available()})",
+        f"triton      {triton_version}",
+        f"cpu         {psutil.cpu_count(logical=True)} threads, torch uses {torch.get_num_threads()}",
+        f"memory      {format_bytes(mem.available)} available of {format_bytes(mem.total)}",
+    ]
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        lines.append(f"gpu         {torch.cuda.get_device_name()}  {format_bytes(free)} free of {format_bytes(total)}")
+    typer.echo("\n".join(lines))
+
+
+@bench_app.command("speed")
+def bench_speed(
+    contexts: str = typer.Option("1024,4096", "--contexts", help="Comma-separated context lengths (tokens)."),
+    decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded at each context."),
+    model: Optional[str] = ModelOpt,
+    plot: Path = typer.Option(Path("bench-speed.png"), "--plot", help="Where to write the PNG plot."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Prefill and decode tok/s of edgekv vs transformers' generate, side by side."""
+    from .bench_speed import parse_contexts, run_speed_bench
+
+    with user_errors():
+        rows = run_speed_bench(model, parse_contexts(contexts), decode_tokens=decode_tokens,
+                               plot=plot, threads=threads)
+        if stats_json:
+            write_json(stats_json, {"rows": rows})
+
+
+@app.command()
+def chat(
+    model: Optional[str] = ModelOpt,
+    doc: Optional[str] = typer.Option(None, "--doc", help="A document to attach at start."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+    block_size: Optional[int] = BlockOpt,
+    prefill_chunk: Optional[int] = ChunkOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """A terminal chat with the model, showing where the KV cache lives."""
+    with user_errors():
+        from .config import Policy
+        from .tui.app import run_chat
+
+        policy = policy_kwargs(device=device, dtype=dtype, block_size=block_size,
+                               prefill_chunk=prefill_chunk, threads=threads)
+        Policy.from_kwargs(**policy)  # bad values fail here, before the app opens
+        code = run_chat(model=model, doc=doc, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature)
+    raise typer.Exit(code)
+
+
+def _mount_cache_app() -> None:
+    from .cache_cli import cache_app
+
+    app.add_typer(cache_app, name="cache", help="List, clear or prune the persistent document cache.")
+
+
+_mount_cache_app()
+
+
+def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    app()
