@@ -1,0 +1,601 @@
+"""Tiered store of fixed-size byte rows: device hot cache, host RAM, disk.
+
+A row is `row_bytes` uint8 bytes (one compressed KV block of one KV head; the store knows
+nothing about its layout) named by a non-negative int64 id that the caller chooses.
+Budgets are bytes; sizes given by users go through `parse_size` ("512MiB", "2GiB").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import heapq
+import itertools
+import os
+import re
+import tempfile
+import threading
+import time
+import weakref
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from decimal import Decimal
+
+import torch
+
+from edgekv.errors import BudgetError, DiskFullError, EdgekvError
+
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
+_IOV_MAX = 1024  # buffers per os.preadv call (the Linux limit)
+_GROW_ROWS_MIN = 1 << 20  # bytes a growing pool adds at least, rounded to rows
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text`: "4096", "100KB" (1000^n), "512MiB" (1024^n), "1.5GB"; any case."""
+    match = _SIZE_RE.fullmatch(text) if isinstance(text, str) else None
+    scale = _SIZE_UNITS.get(match.group(2).lower()) if match else None
+    value = Decimal(match.group(1)) * scale if scale else None
+    if value is None or value != value.to_integral_value():
+        raise EdgekvError(f"invalid size '{text}': use a number with a unit such as 512MiB or 2GiB")
+    return int(value)
+
+
+def format_size(n: int) -> str:
+    """`n` bytes in binary units with at most two decimals: 1610612736 -> "1.5 GiB"."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}".rstrip("0").rstrip(".") + f" {unit}"
+    return f"{n} B"
+
+
+def check_budgets(row_bytes: int, *, min_ram_rows: int, device_cache_bytes: int, ram_bytes: int,
+                  disk_bytes: int, has_disk: bool) -> None:
+    """Raise BudgetError, naming the minimum, when a budget cannot run at all.
+
+    min_ram_rows: rows that must fit in RAM at once (the engine passes one layer's worth).
+    """
+    need_ram = min_ram_rows * row_bytes
+    if ram_bytes < need_ram:
+        raise BudgetError(
+            f"RAM budget {format_size(ram_bytes)} is too small: at least {format_size(need_ram)} "
+            f"({need_ram} bytes = {min_ram_rows} KV rows x {row_bytes} bytes) must fit in RAM; "
+            f"raise --ram to at least {format_size(need_ram)}")
+    if device_cache_bytes < row_bytes:
+        raise BudgetError(
+            f"device cache budget {format_size(device_cache_bytes)} is too small: it must hold at "
+            f"least one KV row of {format_size(row_bytes)} ({row_bytes} bytes); raise --device-cache")
+    if has_disk and disk_bytes < row_bytes:
+        raise BudgetError(
+            f"disk budget {format_size(disk_bytes)} holds no KV row of {format_size(row_bytes)} "
+            f"({row_bytes} bytes): raise --disk-bytes or leave out --disk-dir")
+
+
+class _Slots:
+    """Slot numbers 0..max_slots-1 with a free list; the lowest free slots go out first, so
+    rows stored together tend to sit in consecutive slots."""
+
+    def __init__(self, max_slots: int):
+        self.max_slots = max_slots
+        self.high_water = 0  # slots >= high_water were never handed out
+        self._free: list[int] = []  # heap
+
+    def num_free(self) -> int:
+        return self.max_slots - self.high_water + len(self._free)
+
+    def take(self, n: int) -> list[int]:
+        """n slots, ascending; the caller has checked num_free()."""
+        assert n <= self.num_free(), (n, self.num_free())
+        out = [heapq.heappop(self._free) for _ in range(min(n, len(self._free)))]
+        extra = n - len(out)
+        out.extend(range(self.high_water, self.high_water + extra))
+        self.high_water += extra
+        return out
+
+    def give_back(self, slots: list[int]) -> None:
+        for slot in slots:
+            heapq.heappush(self._free, slot)
+
+
+class _RowPool:
+    """One uint8 tensor `rows: [capacity, row_bytes]` on one device with a slot allocator.
+
+    Grows geometrically (new tensor + copy) up to `max_rows` unless preallocated."""
+
+    def __init__(self, row_bytes: int, max_rows: int, device: torch.device, *, pin: bool,
+                 preallocate: bool):
+        self.row_bytes, self.max_rows, self.device, self.pin = row_bytes, max_rows, device, pin
+        self.slots = _Slots(max_rows)
+        self.rows = self._alloc(max_rows if preallocate else 0)
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        return torch.empty((capacity, self.row_bytes), dtype=torch.uint8, device=self.device,
+                           pin_memory=self.pin)
+
+    def take(self, n: int) -> list[int]:
+        slots = self.slots.take(n)
+        capacity = self.rows.shape[0]
+        if slots and slots[-1] >= capacity:
+            try:
+                min_growth = max(1, _GROW_ROWS_MIN // self.row_bytes)
+                new = self._alloc(min(self.max_rows, max(slots[-1] + 1, 2 * capacity, min_growth)))
+            except BaseException:
+                self.slots.give_back(slots)
+                raise
+            new[:capacity].copy_(self.rows)
+            self.rows = new
+        return slots
+
+
+def _runs(slots: list[int]):
+    """(start, stop) index ranges of `slots` whose values are consecutive integers."""
+    start = 0
+    for k in range(1, len(slots) + 1):
+        if k == len(slots) or slots[k] != slots[k - 1] + 1:
+            yield start, k
+            start = k
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        written = os.pwrite(fd, data, offset)
+        if written <= 0:
+            raise OSError(errno.EIO, "pwrite wrote nothing")
+        data, offset = data[written:], offset + written
+
+
+def _close_file(fd: int, path: str | None) -> None:
+    with contextlib.suppress(OSError):
+        if fd >= 0:
+            os.close(fd)
+        if path is not None:
+            os.unlink(path)
+
+
+def _word_dtype(row_bytes: int) -> torch.dtype:
+    """The widest integer type that tiles a row: row gathers and scatters on uint8 [n, row_bytes]
+    run about 10x faster on a view of it (torch copies element by element)."""
+    return next(d for d, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2), (torch.uint8, 1))
+                if row_bytes % size == 0)
+
+
+def _id_list(ids: torch.Tensor) -> list[int]:
+    if not isinstance(ids, torch.Tensor) or ids.dtype != torch.int64 or ids.dim() != 1:
+        raise TypeError(f"ids must be an int64 tensor [n], got {getattr(ids, 'dtype', type(ids))} "
+                        f"{list(getattr(ids, 'shape', []))}")
+    out = ids.tolist()
+    if len(set(out)) != len(out):
+        raise ValueError("ids must be unique")
+    if out and min(out) < 0:
+        raise ValueError("ids must be non-negative")
+    return out
+
+
+@dataclasses.dataclass
+class _Counters:
+    bytes_read: dict = dataclasses.field(default_factory=lambda: dict(device=0, ram=0, disk=0))
+    bytes_written: dict = dataclasses.field(default_factory=lambda: dict(disk=0))
+    bytes_to_device: int = 0
+    seconds: dict = dataclasses.field(default_factory=lambda: dict(
+        device=0.0, ram=0.0, disk=0.0, disk_write=0.0, to_device=0.0))
+    device_hits: int = 0
+    device_misses: int = 0
+    prefetched_rows: int = 0
+    prefetch_hits: int = 0
+
+
+class TierStore:
+    """Rows of `row_bytes` bytes kept in RAM or on disk, with hot copies on the device.
+
+    Where a row can live (every row has exactly one home, RAM or disk; the device cache
+    only holds copies, so evicting from it loses nothing):
+
+        put(ids, rows) ──► RAM home ── LRU spill, one pwrite per run of slots ──► disk home
+                           uint8 [capacity, row_bytes]              file: slot k at k*row_bytes
+                           (pinned on CUDA, grows x2)                          │
+                              │ one index_select                  one preadv per run of slots
+                              ▼                                                ▼
+                           host staging [misses, row_bytes] = [RAM misses | disk misses]
+                              │ one copy to the device
+                              ▼
+        get(ids) ◄──────── device hot cache, LRU copies  ◄── prefetch(ids) (background thread)
+                           uint8 [capacity, row_bytes] (on the GPU with CUDA, else RAM)
+
+    Both the device cache and the RAM home are LRU; get() touches both. All methods are
+    thread-safe (one lock); a prefetch holds the lock while it reads, so it overlaps the
+    caller's compute, not other store calls.
+    """
+
+    def __init__(self, row_bytes: int, *, device_cache_bytes: int, ram_bytes: int,
+                 disk_dir: str | os.PathLike | None, disk_bytes: int,
+                 device: torch.device | str = "cpu"):
+        if row_bytes <= 0 or min(device_cache_bytes, ram_bytes, disk_bytes) < 0:
+            raise ValueError("row_bytes must be positive and budgets non-negative")
+        has_disk = disk_dir is not None
+        check_budgets(row_bytes, min_ram_rows=0, device_cache_bytes=device_cache_bytes,
+                      ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=has_disk)
+        self.row_bytes = row_bytes
+        self.device = torch.device(device)
+        self._word = _word_dtype(row_bytes)
+        on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._pin = on_cuda
+        self._budgets = dict(device=device_cache_bytes, ram=ram_bytes, disk=disk_bytes if has_disk else 0)
+        self._dev_pool = _RowPool(row_bytes, device_cache_bytes // row_bytes, self.device,
+                                  pin=False, preallocate=on_cuda)
+        self._ram_pool = _RowPool(row_bytes, ram_bytes // row_bytes, torch.device("cpu"),
+                                  pin=on_cuda, preallocate=False)
+        self._disk_slots = _Slots(self._budgets["disk"] // row_bytes)
+        self._dev: OrderedDict[int, int] = OrderedDict()  # id -> device slot, LRU first
+        self._ram: OrderedDict[int, int] = OrderedDict()  # id -> RAM slot, LRU first
+        self._disk: dict[int, int] = {}  # id -> disk slot
+        self._fd, self.disk_path = -1, None
+        if has_disk:
+            try:
+                os.makedirs(disk_dir, exist_ok=True)
+                self._fd, self.disk_path = tempfile.mkstemp(prefix="edgekv-", suffix=".tier", dir=disk_dir)
+            except OSError as e:
+                raise EdgekvError(f"cannot create the KV disk tier file in {disk_dir}: "
+                                  f"{e.strerror or e}; pass a writable --disk-dir") from e
+        self._finalizer = weakref.finalize(self, _close_file, self._fd, self.disk_path)
+        self._lock = threading.RLock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekv-prefetch")
+        self._inflight: dict[int, Future] = {}  # id -> the prefetch that will cache it
+        self._prefetched: set[int] = set()  # cached by a prefetch and not yet read by get
+        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self._pool_used = torch.cuda.Event() if on_cuda else None  # last get's use of the cache
+        self._copy_events: list = []  # CUDA (start, end) events of host->device copies
+        self._counters = _Counters()
+        self._closed = False
+
+    # ---- public API -------------------------------------------------------------------
+
+    def put(self, ids: torch.Tensor, rows: torch.Tensor) -> None:
+        """Store new rows. ids: int64 [n], not stored yet; rows: uint8 [n, row_bytes], any device.
+
+        New rows go to RAM; the least recently used RAM rows (older ones first, then the
+        first of these) spill to disk in one batched write. Raises BudgetError when RAM and
+        disk cannot hold them, DiskFullError when the write fails; either way nothing changed.
+        """
+        id_list, rb = _id_list(ids), self.row_bytes
+        if rows.dtype != torch.uint8 or tuple(rows.shape) != (len(id_list), rb):
+            raise ValueError(f"rows must be uint8 [{len(id_list)}, {rb}], got {rows.dtype} {list(rows.shape)}")
+        host = rows.to("cpu").contiguous()
+        with self._lock:
+            self._check_open()
+            stored = [i for i in id_list if i in self._ram or i in self._disk]
+            if stored:
+                raise ValueError(f"ids already stored (free them first): {stored[:8]}")
+            num_spill = max(0, len(self._ram) + len(id_list) - self._ram_pool.max_rows)
+            spilled_new: dict[int, int] = {}
+            if num_spill:
+                self._check_disk_room(num_spill, len(id_list))
+                old = list(itertools.islice(self._ram, num_spill))
+                num_new = num_spill - len(old)
+                buf = torch.empty((num_spill, rb), dtype=torch.uint8)
+                old_slots = [self._ram[i] for i in old]
+                if old:
+                    torch.index_select(self._w(self._ram_pool.rows), 0, torch.tensor(old_slots),
+                                       out=self._w(buf[:len(old)]))
+                buf[len(old):] = host[:num_new]
+                disk_slots = self._write_disk(buf)
+                for i in old:
+                    del self._ram[i]
+                self._ram_pool.slots.give_back(old_slots)
+                self._disk.update(zip(old, disk_slots))
+                spilled_new = dict(zip(id_list[:num_new], disk_slots[len(old):]))
+                id_list, host = id_list[num_new:], host[num_new:]
+            if id_list:
+                try:
+                    slots = self._ram_pool.take(len(id_list))
+                except BaseException:
+                    self._disk_slots.give_back(list(spilled_new.values()))
+                    raise
+                self._w(self._ram_pool.rows).index_copy_(0, torch.tensor(slots), self._w(host))
+                self._ram.update(zip(id_list, slots))
+            self._disk.update(spilled_new)
+
+    def get(self, ids: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, row_bytes] on the store's device, rows in the order of ids (int64 [n]).
+
+        Device-cache hits are gathered there; misses come from RAM (one index_select) and
+        disk (one preadv per run of slots) into one host buffer, go to the device in one
+        copy and enter the device cache. Waits for prefetches of these ids. Unknown id: KeyError.
+        """
+        id_list, rb = _id_list(ids), self.row_bytes
+        with self._lock:
+            pending = {self._inflight[i] for i in id_list if i in self._inflight}
+        if pending:
+            wait(pending)
+        with self._lock:
+            self._check_open()
+            self._check_known(id_list)
+            c = self._counters
+            hit_pos, hit_slots, miss_pos, miss_ids = [], [], [], []
+            for pos, i in enumerate(id_list):
+                if i in self._ram:
+                    self._ram.move_to_end(i)
+                slot = self._dev.get(i)
+                if slot is None:
+                    miss_pos.append(pos)
+                    miss_ids.append(i)
+                    continue
+                self._dev.move_to_end(i)
+                hit_pos.append(pos)
+                hit_slots.append(slot)
+                if i in self._prefetched:
+                    self._prefetched.discard(i)
+                    c.prefetch_hits += 1
+            c.device_hits += len(hit_pos)
+            c.device_misses += len(miss_ids)
+            c.bytes_read["device"] += len(hit_pos) * rb
+            with self._timed("device"):
+                hits = self._w(self._dev_pool.rows).index_select(0, self._index(hit_slots))
+            if not miss_ids:
+                self._mark_pool_used()
+                return hits.view(torch.uint8)
+            out = torch.empty((len(id_list), rb), dtype=torch.uint8, device=self.device)
+            if hit_pos:
+                self._w(out).index_copy_(0, self._index(hit_pos), hits)
+            fetched, rows = self._fetch(miss_ids)
+            pos_of = dict(zip(miss_ids, miss_pos))
+            self._w(out).index_copy_(0, self._index([pos_of[i] for i in fetched]), self._w(rows))
+            self._cache_insert(fetched, rows)
+            self._mark_pool_used()
+            return out
+
+    def prefetch(self, ids: torch.Tensor) -> None:
+        """Start caching the rows of ids (int64 [n]) on the device in the background.
+
+        Returns at once; a later get() of these ids waits for this instead of reading again.
+        Unknown id: KeyError. Ids freed before the fetch runs are skipped.
+        """
+        id_list = _id_list(ids)
+        with self._lock:
+            self._check_open()
+            self._check_known(id_list)
+            todo = [i for i in id_list if i not in self._dev and i not in self._inflight]
+            if todo:
+                future = self._executor.submit(self._prefetch_rows, todo)
+                self._inflight.update(dict.fromkeys(todo, future))
+
+    def free(self, ids: torch.Tensor) -> None:
+        """Forget the rows of ids (int64 [n]); their slots in every tier become reusable."""
+        id_list = _id_list(ids)
+        with self._lock:
+            self._check_open()
+            self._check_known(id_list)
+            ram_slots, disk_slots, dev_slots = [], [], []
+            for i in id_list:
+                if i in self._ram:
+                    ram_slots.append(self._ram.pop(i))
+                else:
+                    disk_slots.append(self._disk.pop(i))
+                if i in self._dev:
+                    dev_slots.append(self._dev.pop(i))
+                self._prefetched.discard(i)
+            self._ram_pool.slots.give_back(ram_slots)
+            self._disk_slots.give_back(disk_slots)
+            self._dev_pool.slots.give_back(dev_slots)
+
+    def __contains__(self, row_id) -> bool:
+        with self._lock:
+            return int(row_id) in self._ram or int(row_id) in self._disk
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ram) + len(self._disk)
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held now per tier: rows x row_bytes (the device tier counts cached copies)."""
+        with self._lock:
+            return {name: len(table) * self.row_bytes
+                    for name, table in (("device", self._dev), ("ram", self._ram), ("disk", self._disk))}
+
+    def stats(self) -> dict:
+        """Counters since creation or reset_counters().
+
+        bytes_read {device, ram, disk}: bytes gathered from each tier (device = cache hits);
+        bytes_written {disk}; bytes_to_device: host->device bytes; seconds {device, ram, disk,
+        disk_write, to_device} (CUDA copies timed by events, other CUDA work by launch time);
+        gbps: the same keys as seconds, in GB/s (1e9 bytes); device_hits / device_misses,
+        prefetched_rows, prefetch_hits: rows; allocated_bytes {device, ram, disk}: pool
+        tensors and disk file extent, budgets {device, ram, disk}: bytes.
+        """
+        with self._lock:
+            self._fold_copy_events()
+            c = self._counters
+            moved = dict(c.bytes_read, disk_write=c.bytes_written["disk"], to_device=c.bytes_to_device)
+            return dict(
+                bytes_read=dict(c.bytes_read), bytes_written=dict(c.bytes_written),
+                bytes_to_device=c.bytes_to_device, seconds=dict(c.seconds),
+                gbps={k: moved[k] / s / 1e9 if s > 0 else 0.0 for k, s in c.seconds.items()},
+                device_hits=c.device_hits, device_misses=c.device_misses,
+                prefetched_rows=c.prefetched_rows, prefetch_hits=c.prefetch_hits,
+                allocated_bytes=dict(device=self._dev_pool.rows.nbytes, ram=self._ram_pool.rows.nbytes,
+                                     disk=self._disk_slots.high_water * self.row_bytes),
+                budgets=dict(self._budgets))
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._copy_events.clear()
+            self._counters = _Counters()
+
+    def close(self) -> None:
+        """Wait for prefetches, drop every row and remove the disk file. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._finalizer()
+            for table in (self._dev, self._ram, self._disk, self._inflight, self._prefetched):
+                table.clear()
+            self._dev_pool.rows = self._ram_pool.rows = torch.empty((0, self.row_bytes), dtype=torch.uint8)
+
+    def __enter__(self) -> TierStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- internals (called with the lock held) ----------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError("TierStore is closed")
+
+    def _check_known(self, id_list: list[int]) -> None:
+        missing = [i for i in id_list if i not in self._ram and i not in self._disk]
+        if missing:
+            raise KeyError(f"{len(missing)} ids are not stored, e.g. {missing[:8]}")
+
+    def _check_disk_room(self, num_spill: int, num_new: int) -> None:
+        free = self._disk_slots.num_free()
+        if num_spill <= free:
+            return
+        where = (f"the disk budget ({format_size(self._budgets['disk'])}) has room for {free} more"
+                 if self._fd >= 0 else "there is no disk tier")
+        raise BudgetError(
+            f"cannot store {num_new} more KV rows ({format_size(num_new * self.row_bytes)}): the RAM "
+            f"budget ({format_size(self._budgets['ram'])}) is full and {where}; "
+            f"raise --ram or --disk-dir/--disk-bytes")
+
+    def _w(self, rows: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, row_bytes] viewed as [n, row_bytes / word size] words."""
+        return rows.view(self._word)
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @contextlib.contextmanager
+    def _timed(self, key: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._counters.seconds[key] += time.perf_counter() - start
+
+    def _write_disk(self, buf: torch.Tensor) -> list[int]:
+        """Write buf: uint8 [k, row_bytes] (CPU) to k free disk slots, one pwrite per run of
+        consecutive slots; returns the slots. On OSError nothing is recorded: DiskFullError."""
+        slots, rb = self._disk_slots.take(buf.shape[0]), self.row_bytes
+        data = memoryview(buf.numpy()).cast("B")
+        try:
+            with self._timed("disk_write"):
+                for start, stop in _runs(slots):
+                    _pwrite_all(self._fd, data[start * rb:stop * rb], slots[start] * rb)
+        except OSError as e:
+            self._disk_slots.give_back(slots)
+            reason = ("the disk is full" if e.errno == errno.ENOSPC
+                      else f"writing failed ({e.strerror or e})")
+            raise DiskFullError(
+                f"{reason} while moving {format_size(len(slots) * rb)} of KV cache to "
+                f"{self.disk_path}; rows stored before are intact, the new ones were not stored. "
+                f"Free space there, point --disk-dir at a larger disk, or raise --ram") from e
+        self._counters.bytes_written["disk"] += len(slots) * rb
+        return slots
+
+    def _read_disk(self, slots: list[int], out: torch.Tensor) -> None:
+        """Read disk slots into out: uint8 [k, row_bytes] (CPU, contiguous), row j <- slots[j];
+        one os.preadv per run of consecutive slots (at most _IOV_MAX rows each)."""
+        rb = self.row_bytes
+        data = memoryview(out.numpy()).cast("B")
+        order = sorted(range(len(slots)), key=slots.__getitem__)
+        by_slot = [slots[j] for j in order]
+        try:
+            with self._timed("disk"):
+                for start, stop in _runs(by_slot):
+                    for first in range(start, stop, _IOV_MAX):
+                        last = min(stop, first + _IOV_MAX)
+                        bufs = [data[order[j] * rb:(order[j] + 1) * rb] for j in range(first, last)]
+                        if os.preadv(self._fd, bufs, by_slot[first] * rb) != (last - first) * rb:
+                            raise OSError(errno.EIO, "short read: the file was truncated")
+        except OSError as e:
+            raise EdgekvError(f"cannot read the KV disk tier file {self.disk_path}: {e.strerror or e}") from e
+
+    def _fetch(self, ids: list[int]) -> tuple[list[int], torch.Tensor]:
+        """Gather rows not in the device cache: (ids in the gathered order, uint8 [n, row_bytes]
+        on the device). RAM rows first (one index_select), then disk rows, then one copy."""
+        ram_ids = [i for i in ids if i in self._ram]
+        disk_ids = [i for i in ids if i not in self._ram]
+        rb, c = self.row_bytes, self._counters
+        staging = torch.empty((len(ids), rb), dtype=torch.uint8, pin_memory=self._pin)
+        if ram_ids:
+            with self._timed("ram"):
+                torch.index_select(self._w(self._ram_pool.rows), 0, torch.tensor([self._ram[i] for i in ram_ids]),
+                                   out=self._w(staging[:len(ram_ids)]))
+            c.bytes_read["ram"] += len(ram_ids) * rb
+        if disk_ids:
+            self._read_disk([self._disk[i] for i in disk_ids], staging[len(ram_ids):])
+            c.bytes_read["disk"] += len(disk_ids) * rb
+        return ram_ids + disk_ids, self._to_device(staging)
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """The one host->device copy of a get or prefetch (none when the device is the CPU)."""
+        if self.device.type == "cpu":
+            return host
+        self._counters.bytes_to_device += host.numel()
+        if self.device.type != "cuda":
+            with self._timed("to_device"):
+                return host.to(self.device)
+        stream = torch.cuda.current_stream(self.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        rows = host.to(self.device, non_blocking=True)
+        end.record(stream)
+        self._copy_events.append((start, end))
+        if len(self._copy_events) > 256:
+            self._fold_copy_events()
+        return rows
+
+    def _fold_copy_events(self) -> None:
+        for start, end in self._copy_events:
+            end.synchronize()
+            self._counters.seconds["to_device"] += start.elapsed_time(end) / 1e3
+        self._copy_events.clear()
+
+    def _cache_insert(self, ids: list[int], rows: torch.Tensor) -> list[int]:
+        """Copy rows (uint8 [n, row_bytes], device) of uncached ids into the device cache,
+        evicting least recently used copies; keeps the last ones if n exceeds the cache.
+        Returns the ids cached."""
+        capacity = self._dev_pool.max_rows
+        if len(ids) > capacity:
+            ids, rows = ids[len(ids) - capacity:], rows[len(ids) - capacity:]
+        evicted = [self._dev.popitem(last=False) for _ in range(len(self._dev) + len(ids) - capacity)]
+        self._dev_pool.slots.give_back([slot for _, slot in evicted])
+        self._prefetched.difference_update(i for i, _ in evicted)
+        slots = self._dev_pool.take(len(ids))
+        self._w(self._dev_pool.rows).index_copy_(0, self._index(slots), self._w(rows))
+        self._dev.update(zip(ids, slots))
+        return ids
+
+    def _mark_pool_used(self) -> None:
+        if self._pool_used is not None:  # a prefetch's copy stream waits for this get's reads
+            self._pool_used.record(torch.cuda.current_stream(self.device))
+
+    def _prefetch_rows(self, ids: list[int]) -> None:
+        """Background half of prefetch(): fetch and cache the ids still stored and uncached."""
+        with self._lock:
+            try:
+                todo = [] if self._closed else [
+                    i for i in ids if i not in self._dev and (i in self._ram or i in self._disk)]
+                if not todo:
+                    return
+                if self._copy_stream is None:
+                    cached = self._cache_insert(*self._fetch(todo))
+                else:
+                    with torch.cuda.stream(self._copy_stream):
+                        self._copy_stream.wait_event(self._pool_used)
+                        cached = self._cache_insert(*self._fetch(todo))
+                    self._copy_stream.synchronize()  # rows are ready before the lock is released
+                self._prefetched.update(cached)
+                self._counters.prefetched_rows += len(cached)
+            finally:
+                for i in ids:
+                    self._inflight.pop(i, None)
