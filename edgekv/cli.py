@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -77,6 +78,18 @@ DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat1
 BlockOpt = typer.Option(None, "--block-size", help="Tokens per KV block.")
 ChunkOpt = typer.Option(None, "--prefill-chunk", help="Tokens per prefill pass (bounds memory).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
+KvBitsOpt = typer.Option(None, "--kv-bits", help="Bits per offloaded KV value: 2, 4 (default), 8 or 16.")
+OffloadOpt = typer.Option(None, "--offload/--no-offload", help="Keep the KV cache compressed in the tiers (default) or dense and exact in device memory.")
+WindowOpt = typer.Option(None, "--recent-window", help="Newest tokens kept exact (uncompressed).")
+DeviceCacheOpt = typer.Option(None, "--device-cache", help="Device (GPU, or RAM on CPU) cache budget, e.g. 512MiB.")
+RamOpt = typer.Option(None, "--ram", help="Host RAM budget for KV blocks, e.g. 4GiB; colder blocks spill to disk.")
+DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (default: the edgekv cache folder).")
+DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
+
+
+def tier_options(*, kv_bits, offload, recent_window, device_cache, ram, disk_dir, disk_bytes) -> dict:
+    return policy_kwargs(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
+                         device_cache_bytes=device_cache, ram_bytes=ram, disk_dir=disk_dir, disk_bytes=disk_bytes)
 
 
 def policy_kwargs(**options: object) -> dict:
@@ -100,9 +113,20 @@ def generate(
     block_size: Optional[int] = BlockOpt,
     prefill_chunk: Optional[int] = ChunkOpt,
     threads: Optional[int] = ThreadsOpt,
+    kv_bits: Optional[int] = KvBitsOpt,
+    offload: Optional[bool] = OffloadOpt,
+    recent_window: Optional[int] = WindowOpt,
+    device_cache: Optional[str] = DeviceCacheOpt,
+    ram: Optional[str] = RamOpt,
+    disk_dir: Optional[str] = DiskDirOpt,
+    disk_bytes: Optional[str] = DiskBytesOpt,
+    doc_cache: bool = typer.Option(True, "--doc-cache/--no-doc-cache", help="Reuse (and keep) the document's processed KV across runs."),
+    doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
 ) -> None:
     """Answer a question about a long document; the answer streams to stdout."""
+    from .doccache import DocumentCache, default_cache_dir
     from .documents import document_messages, fit_document, read_document
+    from .prefix_cache import document_prefix, fold_warmup, warm_prefix
     from .report import ProgressBar, summary_line
 
     with user_errors():
@@ -114,12 +138,20 @@ def generate(
         from . import load
 
         engine = load(model, **policy_kwargs(device=device, dtype=dtype, block_size=block_size,
-                                             prefill_chunk=prefill_chunk, threads=threads))
+                                             prefill_chunk=prefill_chunk, threads=threads),
+                      **tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
+                                     device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes))
         document = fit_document(engine, document, prompt, max_new_tokens=max_new_tokens,
                                 truncate=truncate.value if truncate else None)
         messages = document_messages(document, prompt)
         total = engine.count_tokens(messages)
         progress = ProgressBar("prefill") if total > engine.policy.prefill_chunk else None
+        source, prefix, warm_s = None, [], 0.0
+        if doc_cache and total <= engine.max_context:  # an overlong prompt fails in generate
+            started = time.perf_counter()
+            prefix = document_prefix(engine, document, prompt)
+            source = warm_prefix(engine, DocumentCache(doc_cache_dir or default_cache_dir()), prefix, progress)
+            warm_s = time.perf_counter() - started
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
@@ -128,6 +160,8 @@ def generate(
         result = engine.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, seed=seed, on_token=stream, on_progress=progress)
         sys.stdout.write("\n")
+        if source is not None:
+            fold_warmup(result.stats, source=source, seconds=warm_s, prefix_tokens=len(prefix))
         typer.echo(summary_line(result.stats), err=True)
         if stats_json:
             write_json(stats_json, result.stats)
@@ -213,6 +247,13 @@ def chat(
     block_size: Optional[int] = BlockOpt,
     prefill_chunk: Optional[int] = ChunkOpt,
     threads: Optional[int] = ThreadsOpt,
+    kv_bits: Optional[int] = KvBitsOpt,
+    offload: Optional[bool] = OffloadOpt,
+    recent_window: Optional[int] = WindowOpt,
+    device_cache: Optional[str] = DeviceCacheOpt,
+    ram: Optional[str] = RamOpt,
+    disk_dir: Optional[str] = DiskDirOpt,
+    disk_bytes: Optional[str] = DiskBytesOpt,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
     with user_errors():
@@ -221,6 +262,8 @@ def chat(
 
         policy = policy_kwargs(device=device, dtype=dtype, block_size=block_size,
                                prefill_chunk=prefill_chunk, threads=threads)
+        policy.update(tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
+                                   device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes))
         Policy.from_kwargs(**policy)  # bad values fail here, before the app opens
         code = run_chat(model=model, doc=doc, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature)
     raise typer.Exit(code)

@@ -51,9 +51,14 @@ class Policy:
     device / dtype: where and in what precision weights and activations live
         ("auto": CUDA with bfloat16/float16 when present, else CPU with float32).
     prefill_chunk: tokens per prefill forward pass (bounds activation memory).
-    block_size: tokens per KV block (the paging and selection unit).
-    kv_bits: precision of the offloaded KV blocks (16 = uncompressed).
-    recent_window: newest tokens kept exact and uncompressed.
+    block_size: tokens per KV block (the paging, compression and selection unit).
+    offload: True = the KV cache lives compressed in the tiers (device cache, RAM, disk);
+        False = dense and exact in device memory, in the model's dtype (the reference path).
+    kv_bits: precision of the offloaded KV blocks: 2, 4, 8 (quantized) or 16 (fp16).
+    recent_window: newest tokens kept exact (uncompressed, on the device).
+    device_cache_bytes / ram_bytes / disk_bytes: byte budgets of the tiers (ints, or
+        strings such as "512MiB"); disk_dir: where the disk tier's file goes (None = the
+        edgekv cache directory); disk_bytes 0 = no disk tier.
     budget: sparse-attention budget per decode step ("all" = dense).
     threads: CPU threads for torch (0 = torch's default).
     """
@@ -62,8 +67,13 @@ class Policy:
     dtype: str = "auto"
     prefill_chunk: int = 512
     block_size: int = 32
-    kv_bits: int = 16
+    offload: bool = True
+    kv_bits: int = 4
     recent_window: int = 64
+    device_cache_bytes: int | str = "512MiB"
+    ram_bytes: int | str = "4GiB"
+    disk_dir: str | None = None
+    disk_bytes: int | str = "64GiB"
     budget: int | str = "all"
     threads: int = 0
 
@@ -78,6 +88,12 @@ class Policy:
         _require_int("threads", self.threads, minimum=0)
         if self.kv_bits not in KV_BITS:
             raise EdgekvError(f"invalid kv_bits {self.kv_bits!r}: use one of {', '.join(map(str, KV_BITS))}")
+        if not isinstance(self.offload, bool):
+            raise EdgekvError(f"invalid offload {self.offload!r}: must be true or false")
+        for name in ("device_cache_bytes", "ram_bytes", "disk_bytes"):
+            object.__setattr__(self, name, _size(name, getattr(self, name)))
+        if self.disk_dir is not None:
+            object.__setattr__(self, "disk_dir", str(self.disk_dir))
         object.__setattr__(self, "budget", parse_budget(self.budget))
 
     @classmethod
@@ -102,6 +118,22 @@ class Policy:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def _size(name: str, value: object) -> int:
+    """A byte count from an int or a size string ("512MiB", "2GiB")."""
+    from .tiers import parse_size
+
+    if isinstance(value, bool):
+        raise EdgekvError(f"invalid {name} {value!r}: use a size such as 512MiB or 2GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise EdgekvError(f"invalid {name} {value}: must be >= 0")
+        return value
+    try:
+        return parse_size(str(value))
+    except EdgekvError as exc:
+        raise EdgekvError(f"invalid {name}: {exc}") from None
 
 
 def _require_int(name: str, value: object, *, minimum: int) -> None:

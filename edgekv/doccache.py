@@ -99,24 +99,12 @@ def cache_key(
 
 
 def default_cache_dir() -> Path:
-    """Where document caches live unless told otherwise.
+    """Where document caches live unless told otherwise: `$EDGEKV_DOC_CACHE_DIR`, else
+    `documents/` under edgekv's cache directory (see `edgekv.loader.cache_root`)."""
+    from .loader import cache_root
 
-    `$EDGEKV_CACHE_DIR/documents` when that variable is set; otherwise the platform's
-    user cache directory: `$XDG_CACHE_HOME/edgekv/documents` (default
-    `~/.cache/edgekv/documents`) on Linux, `~/Library/Caches/edgekv/documents` on macOS,
-    `%LOCALAPPDATA%\\edgekv\\Cache\\documents` on Windows.
-    """
-    env = os.environ.get("EDGEKV_CACHE_DIR")
-    if env:
-        return Path(env).expanduser() / "documents"
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-        return base / "edgekv" / "Cache" / "documents"
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "edgekv" / "documents"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return base / "edgekv" / "documents"
+    env = os.environ.get("EDGEKV_DOC_CACHE_DIR")
+    return Path(env).expanduser() if env else cache_root() / "documents"
 
 
 @dataclass(frozen=True)

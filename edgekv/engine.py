@@ -23,10 +23,11 @@ import torch
 from .config import Policy
 from .errors import EdgekvError
 from .kvcache import PagedKVCache
-from .loader import ModelSource, load_config, load_state_dict, load_tokenizer, resolve_model
+from .loader import ModelSource, cache_root, load_config, load_state_dict, load_tokenizer, resolve_model
 from .model import Decoder
 from .sampling import sample_next
 from .textstream import TextStream, find_stop
+from .tiered_cache import TieredKVCache
 
 Messages = Sequence[dict] | Sequence[int]
 OnToken = Callable[[str], "bool | None"]
@@ -112,25 +113,46 @@ class Engine:
                 ids.update(value)
         return ids
 
-    def _new_cache(self) -> PagedKVCache:
-        s = self.shape
-        return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                            block_size=self.policy.block_size, dtype=self.dtype, device=self.device)
+    def _new_cache(self) -> PagedKVCache | TieredKVCache:
+        s, p = self.shape, self.policy
+        if not p.offload:
+            return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                                block_size=p.block_size, dtype=self.dtype, device=self.device)
+        disk_dir = (p.disk_dir or str(cache_root() / "kv")) if p.disk_bytes else None
+        return TieredKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+                             max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
+                             recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
+                             ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
+                             dtype=self.dtype, device=self.device)
 
     # ---- policy and state -------------------------------------------------------------
+    KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",
+                      "ram_bytes", "disk_dir", "disk_bytes")
+
     def update_policy(self, **changes: object) -> None:
         """Change policy keys (validated); a change to the KV layout drops the kept KV."""
+        if {"device", "dtype"} & set(changes):
+            raise EdgekvError("device and dtype are fixed when the model loads: load it again to change them")
         new = self.policy.replace(**changes)
-        layout_changed = (new.block_size, new.kv_bits, new.dtype, new.device) != (
-            self.policy.block_size, self.policy.kv_bits, self.policy.dtype, self.policy.device)
-        self.policy = new
+        layout_changed = any(getattr(new, k) != getattr(self.policy, k) for k in self.KV_LAYOUT_KEYS)
+        old, self.policy = self.policy, new
         if layout_changed:
-            self.reset()
+            try:
+                self.reset()
+            except EdgekvError:
+                self.policy = old
+                raise
 
     def reset(self) -> None:
-        """Forget the kept KV cache."""
-        self.kv = self._new_cache()
-        self.cached_ids = []
+        """Forget the kept KV cache (a new, empty one replaces it)."""
+        fresh = self._new_cache()
+        self.close()
+        self.kv, self.cached_ids = fresh, []
+
+    def close(self) -> None:
+        """Release the KV cache's tiers (the disk tier's file)."""
+        if getattr(self, "kv", None) is not None:
+            self.kv.close()
 
     # ---- prompts ----------------------------------------------------------------------
     def encode(self, prompt_or_messages: str | Messages) -> list[int]:
@@ -172,7 +194,7 @@ class Engine:
         limit = min(len(self.cached_ids), len(ids) - 1)
         while shared < limit and self.cached_ids[shared] == ids[shared]:
             shared += 1
-        self.kv.truncate(shared)
+        shared = self.kv.truncate(shared)
         del self.cached_ids[shared:]
         total, chunk = len(ids), self.policy.prefill_chunk
         hidden = None
@@ -181,6 +203,35 @@ class Engine:
             if on_progress:
                 on_progress(min(begin + chunk, total), total)
         return self.model.logits(hidden[None])[0], shared
+
+    def load_state(self, token_ids: list[int], state: dict) -> None:
+        """Make the KV cache hold `token_ids` from an `export_state` of the same layout."""
+        self.kv.import_state(state)
+        if self.kv.length != len(token_ids):
+            self.reset()
+            raise EdgekvError("the cached KV does not match its tokens: it was discarded and will be rebuilt")
+        self.cached_ids = list(token_ids)
+
+    @torch.inference_mode()
+    def score(self, token_ids: Sequence[int], *, prefill: int) -> torch.Tensor:
+        """Teacher-forced negative log-likelihood (nats) of token_ids[prefill:], float32 [n].
+
+        The first `prefill` tokens are prefilled; every later token is fed as a decode
+        step under the current policy (offloaded tiers, compression), exactly the path
+        `generate` takes, and scored before it is fed.
+        """
+        ids = list(token_ids)
+        if not 0 < prefill < len(ids):
+            raise EdgekvError(f"score needs 0 < prefill < {len(ids)} tokens (got prefill={prefill})")
+        if len(ids) > self.max_context:
+            raise ContextOverflowError(len(ids), self.max_context, len(ids))
+        logits, _ = self.prefill(ids[:prefill])
+        nll = []
+        for i in range(prefill, len(ids)):
+            nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
+            if i + 1 < len(ids):
+                logits = self.model.logits(self._forward([ids[i]])[None])[0]
+        return torch.stack(nll).cpu()
 
     @torch.inference_mode()
     def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
@@ -216,6 +267,9 @@ class Engine:
         stream, stops = TextStream(self.tokenizer), [s for s in (stop or []) if s]
         generated: list[int] = []
         finish, ttft, cut = "length", None, None
+        store = getattr(self.kv, "store", None)
+        if store is not None:
+            store.reset_counters()  # traffic figures cover the decode steps only
         t_decode0 = time.perf_counter()
         while len(generated) < max_new_tokens:
             if generated:
@@ -242,6 +296,18 @@ class Engine:
         return GenerateResult(text=text, token_ids=generated, stats=self._stats(
             ids, reused, generated, t_prefill, t_decode, ttft, finish))
 
+    def _traffic(self, decode_steps: int) -> dict:
+        """Bytes each tier delivered per decode step, and the bandwidth each achieved."""
+        store = getattr(self.kv, "store", None)
+        if store is None or not decode_steps:
+            return {}
+        t = store.stats()
+        return {
+            "kv_read_bytes_per_token": {tier: round(b / decode_steps) for tier, b in t["bytes_read"].items()},
+            "kv_gbps": {tier: round(t["gbps"][tier], 3) for tier in ("device", "ram", "disk")},
+            "kv_disk_write_bytes": t["bytes_written"]["disk"],
+        }
+
     def _stats(self, ids, reused, generated, t_prefill, t_decode, ttft, finish) -> dict:
         prefilled = len(ids) - reused
         decode_steps = max(len(generated) - 1, 0)  # the first token comes from prefill logits
@@ -254,7 +320,8 @@ class Engine:
             "prefill_tok_s": round(prefilled / t_prefill, 3) if t_prefill > 0 else 0.0,
             "decode_s": round(t_decode, 6),
             "decode_tok_s": round(decode_steps / t_decode, 3) if decode_steps and t_decode > 0 else 0.0,
-            "kv_bytes": {"device": self.kv.nbytes()},
+            "kv_bytes": self.kv.resident_bytes(),
+            **self._traffic(decode_steps),
             "finish_reason": finish,
             "model": self.model_name,
             "device": str(self.device),

@@ -37,10 +37,10 @@ class PagedKVCache:
     def capacity_blocks(self) -> int:
         return self.k_pool[0].shape[1]
 
-    def nbytes(self) -> int:
-        """Bytes of K and V for the tokens stored (whole blocks, all layers)."""
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes of K and V held for the sequence (whole blocks, all layers): all on the device."""
         per_block = 2 * self.num_kv_heads * self.block_size * self.head_dim * self.k_pool[0].element_size()
-        return per_block * len(self.block_table) * self.num_layers
+        return {"device": per_block * len(self.block_table) * self.num_layers}
 
     def _ensure_blocks(self, num_tokens: int) -> None:
         needed = -(-num_tokens // self.block_size) - len(self.block_table)
@@ -96,14 +96,18 @@ class PagedKVCache:
     def commit(self, num_tokens: int) -> None:
         self.length += num_tokens
 
-    def truncate(self, num_tokens: int) -> None:
-        """Keep only the first `num_tokens` tokens; freed blocks return to the pool."""
+    def truncate(self, num_tokens: int) -> int:
+        """Keep only the first `num_tokens` tokens (returned); freed blocks return to the pool."""
         num_tokens = min(num_tokens, self.length)
         keep = -(-num_tokens // self.block_size)
         freed = self.block_table[keep:]
         del self.block_table[keep:]
         self.free_slots = sorted(self.free_slots + freed)
         self.length = num_tokens
+        return num_tokens
+
+    def close(self) -> None:
+        """Nothing to release beyond memory."""
 
     def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K and V of `layer`: each [num_kv_heads, length, head_dim]."""

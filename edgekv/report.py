@@ -41,8 +41,19 @@ def summary_line(stats: dict) -> str:
     """prompt tokens, TTFT, prefill and decode speed, KV bytes per tier — one line."""
     kv = ", ".join(f"{tier} {format_bytes(b)}" for tier, b in stats.get("kv_bytes", {}).items())
     reused = f" ({stats['reused_tokens']} reused)" if stats.get("reused_tokens") else ""
+    if stats.get("document_kv") == "disk":
+        reused += " · document KV from cache"
     return (
         f"prompt {stats['prompt_tokens']} tok{reused} · TTFT {stats['ttft_s']:.2f} s · "
         f"prefill {stats['prefill_tok_s']:,.0f} tok/s · decode {stats['decode_tok_s']:.1f} tok/s "
-        f"({stats['generated_tokens']} tok, {stats['finish_reason']}) · KV {kv}"
+        f"({stats['generated_tokens']} tok, {stats['finish_reason']}) · KV {kv}{_traffic(stats)}"
     )
+
+
+def _traffic(stats: dict) -> str:
+    per_token = stats.get("kv_read_bytes_per_token")
+    if not per_token:
+        return ""
+    moved = ", ".join(f"{tier} {format_bytes(b)}" for tier, b in per_token.items() if b)
+    gbps = ", ".join(f"{tier} {g:.2f} GB/s" for tier, g in stats.get("kv_gbps", {}).items() if g)
+    return f" · read/token {moved or '0 B'}" + (f" ({gbps})" if gbps else "")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub from tests
+# document caches written by tests go to a throwaway folder, not the user's cache
+os.environ.setdefault("EDGEKV_DOC_CACHE_DIR", tempfile.mkdtemp(prefix="edgekv-test-docs-"))
 
 import pytest
 import torch

@@ -1,0 +1,70 @@
+"""Reusing a processed document across runs through the persistent document cache.
+
+The prompt is laid out document-first, so the tokens up to the end of the document are
+the same whatever the question. `document_prefix` finds that prefix; `warm_prefix` makes
+the engine's KV cache hold it — from memory (same engine), from the document cache
+(another run), or by prefilling it and saving the result for next time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .doccache import DocumentCache, cache_key
+from .documents import document_messages
+
+
+def document_prefix(engine, document: str, question: str) -> list[int]:
+    """Token ids shared by every prompt about `document`: template header + document."""
+    ids = engine.encode(document_messages(document, question))
+    other = engine.encode(document_messages(document, "\u2023" + question[::-1]))
+    shared = 0
+    for a, b in zip(ids, other):
+        if a != b:
+            break
+        shared += 1
+    return ids[:shared]
+
+
+def layout_tag(engine) -> str:
+    """Everything besides model, tokens and block size that decides the cached bytes."""
+    p = engine.policy
+    return f"kv{p.kv_bits}-window{p.recent_window}-{str(engine.dtype).removeprefix('torch.')}"
+
+
+def warm_prefix(engine, cache: DocumentCache, prefix: list[int],
+                on_progress: Callable[[int, int], None] | None = None) -> str:
+    """Make the engine's KV hold `prefix`; returns "memory", "disk" or "computed"."""
+    if engine.cached_ids[: len(prefix)] == prefix and engine.kv.length >= len(prefix):
+        return "memory"
+    if not hasattr(engine.kv, "export_state"):  # the dense reference cache is not persisted
+        engine.prefill(prefix, on_progress)
+        return "computed"
+    key = cache_key(model_id=engine.source.identity, token_ids=prefix, codec=layout_tag(engine),
+                    block_size=engine.policy.block_size)
+    loaded = cache.load(key)
+    if loaded is not None:
+        state, _meta = loaded
+        engine.load_state(prefix, state)
+        return "disk"
+    engine.prefill(prefix, on_progress)
+    cache.save(key, engine.kv.export_state(), {
+        "model": engine.model_name, "tokens": len(prefix), "codec": layout_tag(engine),
+        "block_size": engine.policy.block_size,
+    })
+    return "computed"
+
+
+def fold_warmup(stats: dict, *, source: str, seconds: float, prefix_tokens: int) -> None:
+    """Count the prefix warm-up in a generate call's stats (time to first token included).
+
+    stats are updated in place: the warm-up's time joins prefill and TTFT, and a prefix
+    computed in this run is not counted as reused.
+    """
+    stats["document_kv"] = source
+    stats["ttft_s"] = round(stats["ttft_s"] + seconds, 6)
+    stats["prefill_s"] = round(stats["prefill_s"] + seconds, 6)
+    if source == "computed":
+        stats["reused_tokens"] = max(0, stats["reused_tokens"] - prefix_tokens)
+    prefilled = stats["prompt_tokens"] - stats["reused_tokens"]
+    stats["prefill_tok_s"] = round(prefilled / stats["prefill_s"], 3) if stats["prefill_s"] > 0 else 0.0

@@ -1,0 +1,171 @@
+"""The offloaded KV cache: compressed blocks in the tier store, an exact recent window.
+
+Per layer, the sequence is laid out as
+
+    [ block 0 | block 1 | … | block C-1 ][ exact tail: recent tokens, model dtype ]
+      compressed rows in the TierStore      between recent_window and
+      (one row per KV head per block)       recent_window + block_size - 1 tokens
+
+A token stays exact until it is `recent_window` tokens old and its whole block is; then
+the block is encoded (`BlockCodec`) and put in the store (device cache → RAM → disk).
+Attention fetches a layer's rows in one batched `get`, decodes them into a reusable
+scratch buffer next to the exact tail and attends densely over both: budget "all" is
+dense attention over the compressed cache. Row ids:
+
+    row(layer, kv_head, block) = (layer * num_kv_heads + kv_head) * max_blocks + block
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import dense_attention
+from .quant import BlockCodec
+from .tiers import TierStore, check_budgets
+
+
+class TieredKVCache:
+    """The `KVCache` protocol of `model.py`, backed by a `TierStore` of compressed blocks."""
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int,
+                 block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
+                 ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.block_size, self.recent_window = block_size, recent_window
+        self.dtype, self.device = dtype, device
+        self.codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
+        self.max_blocks = -(-max_context // block_size)
+        layer_rows = num_kv_heads * self.max_blocks
+        check_budgets(self.codec.row_bytes, min_ram_rows=layer_rows, device_cache_bytes=device_cache_bytes,
+                      ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=disk_dir is not None)
+        if device_cache_bytes < layer_rows * self.codec.row_bytes:
+            from .errors import BudgetError
+            from .tiers import format_size
+
+            need = layer_rows * self.codec.row_bytes
+            raise BudgetError(f"device cache budget {format_size(device_cache_bytes)} is too small: one layer's "
+                              f"KV blocks at full context need {format_size(need)}; raise --device-cache to at least that")
+        self.store = TierStore(self.codec.row_bytes, device_cache_bytes=device_cache_bytes, ram_bytes=ram_bytes,
+                               disk_dir=disk_dir, disk_bytes=disk_bytes, device=device)
+        empty = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype, device=device)
+        self.tail_k = [empty] * num_layers
+        self.tail_v = [empty] * num_layers
+        self.num_blocks = 0  # compressed blocks per layer (and KV head)
+        self.length = 0
+        self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # [Hkv, capacity, D] each
+
+    # ---- row ids ----------------------------------------------------------------------
+    def row_ids(self, layer: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """int64 [num_kv_heads * n] ids of `blocks` (default: all compressed) of every KV head, head-major."""
+        if blocks is None:
+            blocks = torch.arange(self.num_blocks)
+        heads = torch.arange(self.num_kv_heads)[:, None]
+        return ((layer * self.num_kv_heads + heads) * self.max_blocks + blocks[None, :]).reshape(-1)
+
+    # ---- attention --------------------------------------------------------------------
+    def _scratch_for(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scratch is None or self._scratch[0].shape[1] < tokens:
+            capacity = max(tokens, 2 * (self._scratch[0].shape[1] if self._scratch else 0), 256)
+            shape = (self.num_kv_heads, capacity, self.head_dim)
+            self._scratch = (torch.empty(shape, dtype=self.dtype, device=self.device),
+                             torch.empty(shape, dtype=self.dtype, device=self.device))
+        return self._scratch
+
+    def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view)."""
+        compressed = self.num_blocks * self.block_size
+        tail = self.tail_k[layer].shape[1]
+        k_buf, v_buf = self._scratch_for(compressed + tail)
+        if self.num_blocks:
+            rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, -1)
+            for h in range(self.num_kv_heads):
+                out = (k_buf[h, :compressed].view(self.num_blocks, self.block_size, self.head_dim),
+                       v_buf[h, :compressed].view(self.num_blocks, self.block_size, self.head_dim))
+                self.codec.decode(rows[h], dtype=self.dtype, out=out)
+        k_buf[:, compressed:compressed + tail] = self.tail_k[layer]
+        v_buf[:, compressed:compressed + tail] = self.tail_v[layer]
+        return k_buf[:, :compressed + tail], v_buf[:, :compressed + tail]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.tail_k[layer] = torch.cat((self.tail_k[layer], k), dim=1)
+        self.tail_v[layer] = torch.cat((self.tail_v[layer], v), dim=1)
+        keys, values = self.layer_keys_values(layer)
+        return dense_attention(q, keys, values, q_start=self.length)
+
+    def commit(self, num_tokens: int) -> None:
+        """Advance the length; compress the full blocks that left the recent window."""
+        self.length += num_tokens
+        exact = self.length - self.num_blocks * self.block_size
+        new_blocks = max(0, exact - self.recent_window) // self.block_size
+        if not new_blocks:
+            return
+        n, B, H, D = new_blocks, self.block_size, self.num_kv_heads, self.head_dim
+        blocks = torch.arange(self.num_blocks, self.num_blocks + n)
+        for layer in range(self.num_layers):
+            k = self.tail_k[layer][:, : n * B].reshape(H * n, B, D)
+            v = self.tail_v[layer][:, : n * B].reshape(H * n, B, D)
+            self.store.put(self.row_ids(layer, blocks), self.codec.encode(k, v))
+            self.tail_k[layer] = self.tail_k[layer][:, n * B:].clone()
+            self.tail_v[layer] = self.tail_v[layer][:, n * B:].clone()
+        self.num_blocks += n
+
+    def truncate(self, num_tokens: int) -> int:
+        """Keep at most the first `num_tokens` tokens; returns how many were kept.
+
+        Compressed blocks are not decompressed back into the exact tail, so a cut inside
+        the compressed part keeps only the whole blocks before it.
+        """
+        num_tokens = min(num_tokens, self.length)
+        compressed = self.num_blocks * self.block_size
+        if num_tokens >= compressed:
+            keep = num_tokens - compressed
+            self.tail_k = [t[:, :keep] for t in self.tail_k]
+            self.tail_v = [t[:, :keep] for t in self.tail_v]
+        else:
+            keep_blocks = num_tokens // self.block_size
+            dropped = torch.arange(keep_blocks, self.num_blocks)
+            for layer in range(self.num_layers):
+                self.store.free(self.row_ids(layer, dropped))
+            self.num_blocks = keep_blocks
+            self.tail_k = [t[:, :0] for t in self.tail_k]
+            self.tail_v = [t[:, :0] for t in self.tail_v]
+            num_tokens = keep_blocks * self.block_size
+        self.length = num_tokens
+        return num_tokens
+
+    # ---- accounting and persistence -----------------------------------------------------
+    def tail_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.tail_k, *self.tail_v))
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes per tier now: the exact tail counts as device memory."""
+        tiers = self.store.resident_bytes()
+        tiers["device"] += self.tail_bytes()
+        return tiers
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """Everything stored, as CPU tensors: rows [layers*Hkv*blocks, row_bytes] + exact tails."""
+        ids = torch.cat([self.row_ids(layer) for layer in range(self.num_layers)])
+        rows = self.store.get(ids).cpu() if len(ids) else torch.empty((0, self.codec.row_bytes), dtype=torch.uint8)
+        return {
+            "rows": rows,
+            "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]
+            "tail_v": torch.stack(self.tail_v).cpu(),
+            "length": torch.tensor([self.length, self.num_blocks], dtype=torch.int64),
+        }
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace the contents with an `export_state` of a cache with the same layout."""
+        self.truncate(0)
+        length, num_blocks = (int(x) for x in state["length"])
+        self.num_blocks = num_blocks
+        ids = torch.cat([self.row_ids(layer) for layer in range(self.num_layers)])
+        if len(ids):
+            self.store.put(ids, state["rows"])
+        self.tail_k = [t.to(self.device, self.dtype) for t in state["tail_k"]]
+        self.tail_v = [t.to(self.device, self.dtype) for t in state["tail_v"]]
+        self.length = length
+
+    def close(self) -> None:
+        self.store.close()
