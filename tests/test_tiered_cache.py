@@ -1,0 +1,182 @@
+"""The offloaded KV cache: compressed blocks in the tiers, an exact recent window."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgekv.cli import app
+from edgekv.config import Policy
+from edgekv.engine import Engine
+from edgekv.errors import BudgetError
+from edgekv.loader import resolve_model
+from edgekv.quant import BlockCodec
+from edgekv.tiered_cache import TieredKVCache
+
+runner = CliRunner()
+
+
+def small_cache(tmp_path, **overrides) -> TieredKVCache:
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=16, max_context=256, block_size=4, kv_bits=4,
+                recent_window=5, device_cache_bytes=1 << 20, ram_bytes=1 << 20, disk_dir=str(tmp_path),
+                disk_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"))
+    args.update(overrides)
+    return TieredKVCache(**args)
+
+
+def feed(cache: TieredKVCache, chunks: list[int], seed: int = 0) -> tuple[list, list]:
+    """Push random K/V through attend/commit in chunks; returns every layer's full K and V."""
+    g = torch.Generator().manual_seed(seed)
+    ks = [torch.empty(2, 0, 16) for _ in range(2)]
+    vs = [torch.empty(2, 0, 16) for _ in range(2)]
+    for t in chunks:
+        for layer in range(2):
+            k, v = torch.randn(2, t, 16, generator=g), torch.randn(2, t, 16, generator=g)
+            cache.attend(layer, torch.randn(4, t, 16, generator=g), k, v)
+            ks[layer], vs[layer] = torch.cat((ks[layer], k), 1), torch.cat((vs[layer], v), 1)
+        cache.commit(t)
+    return ks, vs
+
+
+def expected(codec: BlockCodec, full: torch.Tensor, other: torch.Tensor, num_blocks: int, which: int):
+    """Compressed part = codec round trip of whole blocks; the rest exact."""
+    n = num_blocks * codec.block_size
+    H, _, D = full.shape
+    blocks = codec.decode(codec.encode(full[:, :n].reshape(-1, codec.block_size, D),
+                                       other[:, :n].reshape(-1, codec.block_size, D)))[which]
+    return torch.cat((blocks.reshape(H, n, D), full[:, n:]), dim=1)
+
+
+def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
+    cache = small_cache(tmp_path)
+    ks, vs = feed(cache, [3, 7, 1, 1, 9, 2])  # 23 tokens
+    assert cache.length == 23
+    assert cache.num_blocks == (23 - 5) // 4  # whole blocks older than the window
+    for layer in range(2):
+        keys, values = cache.layer_keys_values(layer)
+        assert torch.allclose(keys, expected(cache.codec, ks[layer], vs[layer], cache.num_blocks, 0), atol=1e-6)
+        n = cache.num_blocks * 4
+        assert torch.equal(keys[:, n:], ks[layer][:, n:]) and torch.equal(values[:, n:], vs[layer][:, n:])
+        assert not torch.equal(keys[:, :n], ks[layer][:, :n])  # 4-bit really is lossy
+
+
+def test_values_of_compressed_blocks_are_the_codec_round_trip(tmp_path):
+    cache = small_cache(tmp_path)
+    ks, vs = feed(cache, [20])
+    codec, n = cache.codec, cache.num_blocks * 4
+    _, values = cache.layer_keys_values(1)
+    _, v_hat = codec.decode(codec.encode(ks[1][:, :n].reshape(-1, 4, 16), vs[1][:, :n].reshape(-1, 4, 16)))
+    assert torch.allclose(values[:, :n], v_hat.reshape(2, n, 16), atol=1e-6)
+
+
+def test_truncate_inside_the_compressed_part_keeps_whole_blocks(tmp_path):
+    cache = small_cache(tmp_path)
+    feed(cache, [30])
+    rows_before = len(cache.store)
+    assert cache.truncate(30) == 30
+    assert cache.truncate(10) == 8 and cache.num_blocks == 2
+    assert len(cache.store) < rows_before
+    assert cache.layer_keys_values(0)[0].shape[1] == 8
+
+
+def test_export_then_import_restores_every_value(tmp_path):
+    cache = small_cache(tmp_path)
+    feed(cache, [13, 6])
+    state = cache.export_state()
+    before = [tuple(t.clone() for t in cache.layer_keys_values(layer)) for layer in range(2)]  # scratch views
+    fresh = small_cache(tmp_path)
+    fresh.import_state(state)
+    assert fresh.length == cache.length and fresh.num_blocks == cache.num_blocks
+    for layer in range(2):
+        after = fresh.layer_keys_values(layer)
+        assert torch.equal(after[0], before[layer][0]) and torch.equal(after[1], before[layer][1])
+
+
+def test_ram_budget_below_one_layer_is_refused_with_the_minimum(tmp_path):
+    with pytest.raises(BudgetError, match="at least"):
+        small_cache(tmp_path, ram_bytes=100)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tiny_models):
+    return tiny_models["llama3"]
+
+
+def test_ram_below_the_kv_size_spills_to_disk_and_gives_identical_tokens(tiny_folder, tmp_path, long_text):
+    prompt = long_text[:5000]
+    in_ram = Engine(resolve_model(tiny_folder), Policy(block_size=16, ram_bytes="64MiB", disk_dir=str(tmp_path)))
+    a = in_ram.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    row_bytes = in_ram.kv.codec.row_bytes
+    layer_rows = in_ram.kv.num_kv_heads * in_ram.kv.max_blocks
+    spilling = Engine(resolve_model(tiny_folder), Policy(block_size=16, ram_bytes=layer_rows * row_bytes,
+                                                         disk_dir=str(tmp_path)))
+    b = spilling.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    assert a.stats["kv_bytes"]["disk"] == 0
+    assert b.stats["kv_bytes"]["disk"] > 0 and b.stats["kv_bytes"]["ram"] <= layer_rows * row_bytes
+    assert b.stats["kv_read_bytes_per_token"]["disk"] >= 0
+    assert a.token_ids == b.token_ids
+    spilling.close()
+    in_ram.close()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tier")]  # the tier file is removed
+
+
+def test_too_small_ram_on_the_command_line_names_the_minimum(tiny_folder, tmp_path):
+    doc = tmp_path / "d.txt"
+    doc.write_text("A short document.")
+    result = runner.invoke(app, ["generate", str(doc), "-p", "q", "--model", str(tiny_folder), "--ram", "1KiB"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().startswith("error: RAM budget 1 KiB is too small: at least")
+
+
+def test_disk_full_while_spilling_is_one_clear_error_and_leaves_no_file(tiny_folder, tmp_path, monkeypatch, long_text):
+    import edgekv.tiers
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(edgekv.tiers.os, "pwrite", full)
+    doc = tmp_path / "d.txt"
+    doc.write_text(long_text[:7500])  # ~1.8K tokens: twice what RAM may hold
+    disk = tmp_path / "tier"
+    result = runner.invoke(app, ["generate", str(doc), "-p", "q", "--model", str(tiny_folder), "-n", "2",
+                                 "--ram", "88KiB", "--disk-dir", str(disk), "--no-doc-cache"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "disk" in result.stderr.lower() and "Traceback" not in result.output
+    import gc
+
+    gc.collect()
+    assert not list(disk.glob("*.tier"))
+
+
+def test_second_question_reuses_the_document_from_the_cache(tiny_folder, tmp_path, long_text):
+    doc = tmp_path / "d.txt"
+    doc.write_text(long_text[:6000])
+    cache = tmp_path / "docs"
+
+    def ask(question: str, *extra: str) -> dict:
+        stats = tmp_path / "s.json"
+        result = runner.invoke(app, ["generate", str(doc), "-p", question, "--model", str(tiny_folder), "-n", "6",
+                                     "--doc-cache-dir", str(cache), "--stats-json", str(stats), *extra])
+        assert result.exit_code == 0, result.output
+        return {**json.loads(stats.read_text()), "text": result.stdout, "stderr": result.stderr}
+
+    first = ask("What is this?")
+    second = ask("Who wrote it?")
+    fresh = ask("Who wrote it?", "--no-doc-cache")
+    assert first["document_kv"] == "computed" and second["document_kv"] == "disk"
+    assert second["reused_tokens"] > 0.9 * second["prompt_tokens"]
+    assert second["text"] == fresh["text"]
+    # a corrupt cache file is reported once, rebuilt, and never used
+    (entry,) = cache.glob("*.edkv")
+    data = bytearray(entry.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    third = ask("Who wrote it?")
+    assert third["document_kv"] == "computed" and third["text"] == fresh["text"]
+    assert sum("rebuilt" in line or "corrupt" in line.lower() for line in third["stderr"].splitlines()) == 1
