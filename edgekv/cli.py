@@ -236,6 +236,33 @@ def bench_speed(
             write_json(stats_json, {"rows": rows})
 
 
+@bench_app.command("quality")
+def bench_quality(
+    kv_bits: str = typer.Option("16,8,4,2", "--kv-bits", help="Comma-separated KV bit widths to compare."),
+    budgets: str = typer.Option("all", "--budgets", help="Comma-separated attention budgets (all, 2048, 10%)."),
+    tasks: str = typer.Option("ppl,agreement", "--tasks", help="Any of ppl, agreement, passkey."),
+    ppl_context: int = typer.Option(8192, "--ppl-context", help="Tokens of the perplexity document."),
+    score_tokens: int = typer.Option(512, "--score-tokens", help="Last tokens scored as decode steps."),
+    agreement_doc: int = typer.Option(1024, "--agreement-doc", help="Tokens of the document summarised."),
+    agreement_tokens: int = typer.Option(64, "--agreement-tokens", help="Greedy tokens compared."),
+    passkey_context: int = typer.Option(4096, "--passkey-context", help="Tokens of each passkey haystack."),
+    passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials (depths cycle 5%..95%)."),
+    model: Optional[str] = ModelOpt,
+    plot: Path = typer.Option(Path("bench-quality.png"), "--plot", help="Where to write the PNG plot."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+) -> None:
+    """Perplexity, greedy agreement and passkey retrieval of each KV configuration vs dense."""
+    from .bench_quality import parse_configs, run_quality_bench
+
+    with user_errors():
+        rows = run_quality_bench(model, parse_configs(kv_bits, budgets), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                                 ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
+                                 agreement_tokens=agreement_tokens, passkey_context=passkey_context,
+                                 passkey_trials=passkey_trials, plot=plot)
+        if stats_json:
+            write_json(stats_json, {"rows": rows})
+
+
 @app.command()
 def chat(
     model: Optional[str] = ModelOpt,

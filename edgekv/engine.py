@@ -115,6 +115,9 @@ class Engine:
 
     def _new_cache(self) -> PagedKVCache | TieredKVCache:
         s, p = self.shape, self.policy
+        if p.budget != "all":
+            raise EdgekvError(f"budget {p.budget!r} needs sparse block selection, which this edgekv version does "
+                              f"not have yet: use budget 'all'")
         if not p.offload:
             return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 block_size=p.block_size, dtype=self.dtype, device=self.device)

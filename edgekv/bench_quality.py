@@ -1,0 +1,195 @@
+"""`edgekv bench quality`: what compression (and later sparsity) costs, against dense.
+
+Every configuration runs the same engine path that `generate` runs (offloaded tiers,
+codecs); the reference is the dense, exact KV cache (`offload=False`) on the same model
+and tokens. Tasks:
+
+- ppl: teacher-forced perplexity of the last N tokens of a long real document (Python's
+  pydoc topics), those tokens fed as decode steps; reported as a ratio to the reference.
+- agreement: greedy tokens of a summary of a document, compared position by position
+  with the reference's (fraction equal, and the length of the identical prefix).
+- passkey: a number hidden at several depths of a real-text haystack; the answer must
+  contain it (accuracy over trials).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+from .errors import EdgekvError
+
+TASKS = ("ppl", "agreement", "passkey")
+
+
+def document_ids(tokenizer, length: int) -> list[int]:
+    from .bench_speed import prompt_ids
+
+    return prompt_ids(tokenizer, length)
+
+
+def haystack_text(tokens: int, tokenizer, seed: int) -> str:
+    """~`tokens` tokens of pydoc text starting at a seeded offset."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    random.Random(seed).shuffle(keys)
+    text = "\n\n".join(topics[k] for k in keys)
+    ids = tokenizer.encode(text, add_special_tokens=False)[:tokens]
+    return tokenizer.decode(ids)
+
+
+def passkey_messages(tokenizer, context: int, depth: float, key: int, seed: int) -> list[dict]:
+    hay = haystack_text(context - 80, tokenizer, seed)
+    cut = int(len(hay) * depth)
+    cut = hay.rfind("\n", 0, cut) + 1 if "\n" in hay[:cut] else cut
+    needle = f"\nThe secret passkey is {key}. Remember it.\n"
+    text = hay[:cut] + needle + hay[cut:]
+    return [{"role": "user", "content": text + "\n\nWhat is the secret passkey? Answer with the number only."}]
+
+
+def run_ppl(engine, ids: list[int], score_tokens: int) -> float:
+    engine.reset()
+    nll = engine.score(ids, prefill=len(ids) - score_tokens)
+    engine.reset()
+    return math.exp(float(nll.mean()))
+
+
+def run_agreement(engine, doc_tokens: int, new_tokens: int) -> list[int]:
+    text = engine.tokenizer.decode(document_ids(engine.tokenizer, doc_tokens))
+    engine.reset()
+    out = engine.generate([{"role": "user", "content": text + "\n\nSummarise the text above."}],
+                          max_new_tokens=new_tokens, ignore_eos=True).token_ids
+    engine.reset()
+    return out
+
+
+def run_passkey(engine, context: int, trials: int) -> float:
+    hits = 0
+    for t in range(trials):
+        depth = (t % 5) / 4 * 0.9 + 0.05  # 5%, 27.5%, 50%, 72.5%, 95%
+        key = random.Random(1000 + t).randint(10000, 99999)
+        engine.reset()
+        answer = engine.generate(passkey_messages(engine.tokenizer, context, depth, key, seed=t),
+                                 max_new_tokens=12).text
+        hits += str(key) in re.sub(r"\D", "", answer) or str(key) in answer
+    engine.reset()
+    return hits / trials
+
+
+def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: list[str], ppl_context: int,
+                      score_tokens: int, agreement_doc: int, agreement_tokens: int, passkey_context: int,
+                      passkey_trials: int, plot: Path | None) -> list[dict]:
+    """Run each task for the dense reference and every config; print a table, plot, return rows."""
+    from .engine import load
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise EdgekvError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
+    reference = load(model, progress=False, offload=False)
+    ids = document_ids(reference.tokenizer, ppl_context) if "ppl" in tasks else []
+    if ppl_context > reference.max_context or passkey_context > reference.max_context:
+        raise EdgekvError(f"contexts must be <= the model's {reference.max_context} tokens")
+    rows = []
+    all_configs = {"dense": {"offload": False}, **configs}
+    ref_ppl = ref_tokens = None
+    for n, (label, policy) in enumerate(all_configs.items()):
+        started = time.perf_counter()
+        print(f"[{n + 1}/{len(all_configs)}] {label}: {', '.join(tasks)} …", file=sys.stderr, flush=True)
+        engine = reference if label == "dense" else load(model, progress=False, **policy)
+        row: dict = {"config": label, "policy": policy}
+        if "ppl" in tasks:
+            row["ppl"] = run_ppl(engine, ids, score_tokens)
+            ref_ppl = ref_ppl or row["ppl"]
+            row["ppl_ratio"] = row["ppl"] / ref_ppl
+        if "agreement" in tasks:
+            tokens = run_agreement(engine, agreement_doc, agreement_tokens)
+            ref_tokens = ref_tokens or tokens
+            same = [a == b for a, b in zip(tokens, ref_tokens)]
+            row["agreement"] = sum(same) / len(same)
+            row["identical_prefix"] = next((i for i, s in enumerate(same) if not s), len(same))
+        if "passkey" in tasks:
+            row["passkey"] = run_passkey(engine, passkey_context, passkey_trials)
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        if engine is not reference:
+            engine.close()
+        rows.append(row)
+        print("   " + format_row(row), file=sys.stderr, flush=True)
+    print(format_table(rows, tasks))
+    if plot:
+        write_plot(rows, tasks, plot)
+        print(f"plot written to {plot}", file=sys.stderr)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    parts = [f"{row['config']}"]
+    if "ppl" in row:
+        parts.append(f"ppl {row['ppl']:.4f} (x{row['ppl_ratio']:.4f})")
+    if "agreement" in row:
+        parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']})")
+    if "passkey" in row:
+        parts.append(f"passkey {row['passkey']:.0%}")
+    return " · ".join(parts) + f" · {row['seconds']} s"
+
+
+def format_table(rows: list[dict], tasks: list[str]) -> str:
+    head = f"{'config':<24}"
+    if "ppl" in tasks:
+        head += f" {'ppl':>8} {'vs dense':>9}"
+    if "agreement" in tasks:
+        head += f" {'agree':>6} {'same first':>10}"
+    if "passkey" in tasks:
+        head += f" {'passkey':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        line = f"{r['config']:<24}"
+        if "ppl" in tasks:
+            line += f" {r['ppl']:>8.4f} {r['ppl_ratio']:>8.4f}x"
+        if "agreement" in tasks:
+            line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10}"
+        if "passkey" in tasks:
+            line += f" {r['passkey']:>8.0%}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in ("ppl_ratio", "agreement", "passkey") if m in rows[0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
+    labels = [r["config"] for r in rows]
+    for ax, metric in zip(axes[0], metrics):
+        ax.bar(labels, [r[metric] for r in rows], color="tab:blue")
+        ax.set_title({"ppl_ratio": "perplexity / dense", "agreement": "greedy agreement with dense",
+                      "passkey": "passkey accuracy"}[metric])
+        ax.tick_params(axis="x", rotation=30)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise EdgekvError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+
+
+def parse_configs(kv_bits: str, budgets: str) -> dict[str, dict]:
+    """Configurations to compare: every kv_bits x budget pair."""
+    from .config import parse_budget
+
+    try:
+        bits = [int(b) for b in kv_bits.split(",") if b.strip()]
+    except ValueError:
+        raise EdgekvError(f"invalid --kv-bits {kv_bits!r}: give a list such as 16,8,4,2") from None
+    budget_list = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
+    return {f"{b}-bit" + ("" if budget == "all" else f", budget {budget}"): {"kv_bits": b, "budget": budget}
+            for b in bits for budget in budget_list}
