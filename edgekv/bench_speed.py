@@ -70,34 +70,42 @@ def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
     return {"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "ttft_s": s["ttft_s"]}
 
 
+ENGINES = {"edgekv dense": {"offload": False}, "edgekv 4-bit tiers": {"kv_bits": 4}}
+
+
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
                     threads: int | None) -> list[dict]:
+    """Time transformers and each edgekv configuration at every context; print ratios."""
     from transformers import AutoModelForCausalLM
 
     from .engine import load
 
     if threads:
         torch.set_num_threads(threads)
-    engine = load(model)
-    limit = engine.max_context - decode_tokens
-    if max(contexts) > limit:
-        raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {engine.max_context}")
-    reference = AutoModelForCausalLM.from_pretrained(engine.source.folder, dtype=engine.dtype).to(engine.device).eval()
-    print(f"bench speed: {engine.model_name} on {engine.device} ({torch.get_num_threads()} threads), "
+    engines = {name: load(model, progress=False, **policy) for name, policy in ENGINES.items()}
+    first = next(iter(engines.values()))
+    if max(contexts) + decode_tokens > first.max_context:
+        raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
+    reference = AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
+    print(f"bench speed: {first.model_name} on {first.device} ({torch.get_num_threads()} threads), "
           f"{decode_tokens} decode tokens per context", file=sys.stderr)
-    warm = prompt_ids(engine.tokenizer, 64)
-    time_edgekv(engine, warm, 4)
+    warm = prompt_ids(first.tokenizer, 64)
+    for engine in engines.values():
+        time_edgekv(engine, warm, 4)
     time_transformers(reference, warm, 4)
     rows = []
     for n in contexts:
-        ids = prompt_ids(engine.tokenizer, n)
-        ours = time_edgekv(engine, ids, decode_tokens)
-        theirs = time_transformers(reference, ids, decode_tokens)
-        row = {"context": n, "edgekv": ours, "transformers": theirs,
-               "prefill_ratio": ours["prefill_tok_s"] / theirs["prefill_tok_s"],
-               "decode_ratio": ours["decode_tok_s"] / theirs["decode_tok_s"]}
+        ids = prompt_ids(first.tokenizer, n)
+        row = {"context": n, "transformers": time_transformers(reference, ids, decode_tokens)}
+        for name, engine in engines.items():
+            row[name] = time_edgekv(engine, ids, decode_tokens)
+            engine.reset()  # free this context's KV before the next engine runs
+            for key in ("prefill_tok_s", "decode_tok_s"):
+                row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
+    for engine in engines.values():
+        engine.close()
     print(format_table(rows))
     write_plot(rows, plot)
     print(f"plot written to {plot}", file=sys.stderr)
@@ -105,13 +113,16 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'context':>8} | {'prefill tok/s':>28} | {'decode tok/s':>26}\n"
-            f"{'':>8} | {'edgekv':>8} {'transf.':>8} {'ratio':>8} | {'edgekv':>7} {'transf.':>8} {'ratio':>8}")
-    lines = [head, "-" * len(head.splitlines()[1])]
+    """One line per context and engine: tok/s and the ratio to transformers."""
+    head = f"{'context':>8}  {'engine':<20} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} {'x transf.':>10}"
+    lines = [head, "-" * len(head)]
     for r in rows:
-        e, t = r["edgekv"], r["transformers"]
-        lines.append(f"{r['context']:>8} | {e['prefill_tok_s']:>8.0f} {t['prefill_tok_s']:>8.0f} {r['prefill_ratio']:>7.2f}x"
-                     f" | {e['decode_tok_s']:>7.1f} {t['decode_tok_s']:>8.1f} {r['decode_ratio']:>7.2f}x")
+        t = r["transformers"]
+        lines.append(f"{r['context']:>8}  {'transformers':<20} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
+        for name in ENGINES:
+            e = r[name]
+            lines.append(f"{'':>8}  {name:<20} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
+                         f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x")
     return "\n".join(lines)
 
 
@@ -124,7 +135,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     ctx = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for name in ("edgekv", "transformers"):
+        for name in ("transformers", *ENGINES):
             ax.plot(ctx, [r[name][key] for r in rows], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

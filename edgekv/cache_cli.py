@@ -5,13 +5,15 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
-from edgekv.doccache import DocumentCache, default_cache_dir
 from edgekv.errors import EdgekvError
-from edgekv.tiers import format_size, parse_size
+from edgekv.sizes import format_size, parse_size
+
+if TYPE_CHECKING:
+    from edgekv.doccache import DocumentCache
 
 cache_app = typer.Typer(
     help="Inspect and trim the on-disk cache of processed documents "
@@ -23,6 +25,8 @@ DirOption = typer.Option(None, "--dir", help="Cache directory [default: the user
 
 
 def _cache(directory: Optional[Path]) -> DocumentCache:
+    from edgekv.doccache import DocumentCache, default_cache_dir  # torch loads only when needed
+
     return DocumentCache(directory if directory is not None else default_cache_dir())
 
 

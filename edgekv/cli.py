@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 from enum import Enum
 from pathlib import Path
 from typing import Iterator, Optional
@@ -126,7 +125,7 @@ def generate(
     """Answer a question about a long document; the answer streams to stdout."""
     from .doccache import DocumentCache, default_cache_dir
     from .documents import document_messages, fit_document, read_document
-    from .prefix_cache import document_prefix, fold_warmup, warm_prefix
+    from .prefix_cache import ask_about_document
     from .report import ProgressBar, summary_line
 
     with user_errors():
@@ -143,25 +142,18 @@ def generate(
                                      device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes))
         document = fit_document(engine, document, prompt, max_new_tokens=max_new_tokens,
                                 truncate=truncate.value if truncate else None)
-        messages = document_messages(document, prompt)
-        total = engine.count_tokens(messages)
+        total = engine.count_tokens(document_messages(document, prompt))
         progress = ProgressBar("prefill") if total > engine.policy.prefill_chunk else None
-        source, prefix, warm_s = None, [], 0.0
-        if doc_cache and total <= engine.max_context:  # an overlong prompt fails in generate
-            started = time.perf_counter()
-            prefix = document_prefix(engine, document, prompt)
-            source = warm_prefix(engine, DocumentCache(doc_cache_dir or default_cache_dir()), prefix, progress)
-            warm_s = time.perf_counter() - started
 
         def stream(piece: str) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
 
-        result = engine.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, on_token=stream, on_progress=progress)
+        cache = DocumentCache(doc_cache_dir or default_cache_dir()) if doc_cache else None
+        result = ask_about_document(engine, document, prompt, cache=cache, on_progress=progress,
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                    seed=seed, on_token=stream)
         sys.stdout.write("\n")
-        if source is not None:
-            fold_warmup(result.stats, source=source, seconds=warm_s, prefix_tokens=len(prefix))
         typer.echo(summary_line(result.stats), err=True)
         if stats_json:
             write_json(stats_json, result.stats)
@@ -188,7 +180,7 @@ def info(model: Optional[str] = ModelOpt) -> None:
 
     from .loader import load_config, resolve_model
     from .model import ModelShape
-    from .report import format_bytes
+    from .sizes import format_size
 
     with user_errors():
         source = resolve_model(model)
@@ -204,16 +196,16 @@ def info(model: Optional[str] = ModelOpt) -> None:
         f"model       {source.name}  ({source.folder})",
         f"shape       {shape.num_layers} layers, {shape.num_heads} heads / {shape.num_kv_heads} KV heads, "
         f"head dim {shape.head_dim}, hidden {shape.hidden_size}, vocab {shape.vocab_size}, context {shape.max_context}",
-        f"KV per token {format_bytes(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2)} at 16 bits",
+        f"KV per token {format_size(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2)} at 16 bits",
         f"python      {platform.python_version()}",
         f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none'}, available: {torch.cuda.is_available()})",
         f"triton      {triton_version}",
         f"cpu         {psutil.cpu_count(logical=True)} threads, torch uses {torch.get_num_threads()}",
-        f"memory      {format_bytes(mem.available)} available of {format_bytes(mem.total)}",
+        f"memory      {format_size(mem.available)} available of {format_size(mem.total)}",
     ]
     if torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info()
-        lines.append(f"gpu         {torch.cuda.get_device_name()}  {format_bytes(free)} free of {format_bytes(total)}")
+        lines.append(f"gpu         {torch.cuda.get_device_name()}  {format_size(free)} free of {format_size(total)}")
     typer.echo("\n".join(lines))
 
 
@@ -261,6 +253,27 @@ def bench_quality(
                                  passkey_trials=passkey_trials, plot=plot)
         if stats_json:
             write_json(stats_json, {"rows": rows})
+
+
+@bench_app.command("tiers")
+def bench_tiers(
+    doc_tokens: int = typer.Option(7800, "--doc-tokens", help="Tokens of the real document."),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="Greedy tokens generated per question."),
+    bits: str = typer.Option("16,8,4,2", "--bits", help="KV bit widths whose host bytes are compared."),
+    model: Optional[str] = ModelOpt,
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+) -> None:
+    """Host bytes per bit width, disk spill vs all-in-RAM tokens, document-cache TTFT."""
+    from .bench_tiers import run_tiers_bench
+
+    with user_errors():
+        try:
+            bit_list = [int(b) for b in bits.split(",") if b.strip()]
+        except ValueError:
+            raise EdgekvError(f"invalid --bits {bits!r}: give a list such as 16,8,4,2") from None
+        report = run_tiers_bench(model, doc_tokens=doc_tokens, new_tokens=new_tokens, bits=bit_list, plot=None)
+        if stats_json:
+            write_json(stats_json, report)
 
 
 @app.command()

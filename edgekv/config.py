@@ -122,7 +122,7 @@ class Policy:
 
 def _size(name: str, value: object) -> int:
     """A byte count from an int or a size string ("512MiB", "2GiB")."""
-    from .tiers import parse_size
+    from .sizes import parse_size
 
     if isinstance(value, bool):
         raise EdgekvError(f"invalid {name} {value!r}: use a size such as 512MiB or 2GiB")

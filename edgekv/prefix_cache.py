@@ -8,6 +8,7 @@ the engine's KV cache hold it — from memory (same engine), from the document c
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from .doccache import DocumentCache, cache_key
@@ -68,3 +69,23 @@ def fold_warmup(stats: dict, *, source: str, seconds: float, prefix_tokens: int)
         stats["reused_tokens"] = max(0, stats["reused_tokens"] - prefix_tokens)
     prefilled = stats["prompt_tokens"] - stats["reused_tokens"]
     stats["prefill_tok_s"] = round(prefilled / stats["prefill_s"], 3) if stats["prefill_s"] > 0 else 0.0
+
+
+def ask_about_document(engine, document: str, question: str, *, cache: DocumentCache | None,
+                       on_progress: Callable[[int, int], None] | None = None, **generate_kwargs):
+    """Generate an answer about `document`, reusing its KV from memory or `cache` if possible.
+
+    Returns the engine's GenerateResult; its stats count the document's warm-up (loading
+    or prefilling it) in prefill time and time to first token, and say where the
+    document's KV came from (stats["document_kv"]: "memory", "disk" or "computed").
+    """
+    messages = document_messages(document, question)
+    if cache is None or engine.count_tokens(messages) > engine.max_context:  # overlong: generate says why
+        return engine.generate(messages, on_progress=on_progress, **generate_kwargs)
+    started = time.perf_counter()
+    prefix = document_prefix(engine, document, question)
+    source = warm_prefix(engine, cache, prefix, on_progress)
+    warm_s = time.perf_counter() - started
+    result = engine.generate(messages, on_progress=on_progress, **generate_kwargs)
+    fold_warmup(result.stats, source=source, seconds=warm_s, prefix_tokens=len(prefix))
+    return result

@@ -6,13 +6,7 @@ import sys
 import time
 from typing import TextIO
 
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+from .sizes import format_size
 
 
 class ProgressBar:
@@ -39,7 +33,7 @@ class ProgressBar:
 
 def summary_line(stats: dict) -> str:
     """prompt tokens, TTFT, prefill and decode speed, KV bytes per tier — one line."""
-    kv = ", ".join(f"{tier} {format_bytes(b)}" for tier, b in stats.get("kv_bytes", {}).items())
+    kv = ", ".join(f"{tier} {format_size(b)}" for tier, b in stats.get("kv_bytes", {}).items())
     reused = f" ({stats['reused_tokens']} reused)" if stats.get("reused_tokens") else ""
     if stats.get("document_kv") == "disk":
         reused += " · document KV from cache"
@@ -54,6 +48,6 @@ def _traffic(stats: dict) -> str:
     per_token = stats.get("kv_read_bytes_per_token")
     if not per_token:
         return ""
-    moved = ", ".join(f"{tier} {format_bytes(b)}" for tier, b in per_token.items() if b)
+    moved = ", ".join(f"{tier} {format_size(b)}" for tier, b in per_token.items() if b)
     gbps = ", ".join(f"{tier} {g:.2f} GB/s" for tier, g in stats.get("kv_gbps", {}).items() if g)
     return f" · read/token {moved or '0 B'}" + (f" ({gbps})" if gbps else "")

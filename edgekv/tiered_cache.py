@@ -41,7 +41,7 @@ class TieredKVCache:
                       ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=disk_dir is not None)
         if device_cache_bytes < layer_rows * self.codec.row_bytes:
             from .errors import BudgetError
-            from .tiers import format_size
+            from .sizes import format_size
 
             need = layer_rows * self.codec.row_bytes
             raise BudgetError(f"device cache budget {format_size(device_cache_bytes)} is too small: one layer's "

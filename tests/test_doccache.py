@@ -388,6 +388,9 @@ def test_clear_removes_every_entry(cache):
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEKV_DOC_CACHE_DIR", str(tmp_path / "docs"))
+    assert default_cache_dir() == tmp_path / "docs"
+    monkeypatch.delenv("EDGEKV_DOC_CACHE_DIR")
     monkeypatch.setenv("EDGEKV_CACHE_DIR", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine" / "documents"
     monkeypatch.delenv("EDGEKV_CACHE_DIR")
