@@ -15,16 +15,22 @@ from .doccache import DocumentCache, cache_key
 from .documents import document_messages
 
 
-def document_prefix(engine, document: str, question: str) -> list[int]:
-    """Token ids shared by every prompt about `document`: template header + document."""
-    ids = engine.encode(document_messages(document, question))
-    other = engine.encode(document_messages(document, "\u2023" + question[::-1]))
+def stable_prefix(engine, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` that stay the same whatever text follows in the last message."""
+    ids = engine.encode(messages)
+    *head, last = messages
+    other = engine.encode([*head, {**last, "content": last["content"] + "\u2023 …"}])
     shared = 0
     for a, b in zip(ids, other):
         if a != b:
             break
         shared += 1
     return ids[:shared]
+
+
+def document_prefix(engine, document: str, question: str) -> list[int]:
+    """Token ids shared by every prompt about `document`: template header + document."""
+    return stable_prefix(engine, document_messages(document, ""))
 
 
 def layout_tag(engine) -> str:
@@ -89,3 +95,19 @@ def ask_about_document(engine, document: str, question: str, *, cache: DocumentC
     result = engine.generate(messages, on_progress=on_progress, **generate_kwargs)
     fold_warmup(result.stats, source=source, seconds=warm_s, prefix_tokens=len(prefix))
     return result
+
+
+def process_document(engine, messages: list[dict], cache: DocumentCache,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Put `messages` (ending with a document) in the KV cache ahead of a question.
+
+    The stable prefix comes from memory, the document cache or a prefill (then saved);
+    returns the stats of that work, `document_kv` saying where the KV came from.
+    """
+    started = time.perf_counter()
+    prefix = stable_prefix(engine, messages)
+    source = warm_prefix(engine, cache, prefix, on_progress)
+    seconds = time.perf_counter() - started
+    result = engine.generate(prefix, max_new_tokens=0)
+    fold_warmup(result.stats, source=source, seconds=seconds, prefix_tokens=len(prefix))
+    return result.stats

