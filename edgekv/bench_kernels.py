@@ -49,7 +49,8 @@ class BenchShape:
 
     @property
     def selected_blocks(self) -> int:
-        return self.budget // self.block_size
+        """Blocks attended per step: the budget, capped at the context."""
+        return max(1, min(self.budget, self.context) // self.block_size)
 
 
 SHAPES = {
@@ -155,16 +156,15 @@ def _random_rows(codec: BlockCodec, hkv: int, n: int, dev: torch.device) -> torc
 
 
 def _bench_scores(shape, dev, dtype, measure, triton_ok, note) -> list[dict]:
-    from edgekv.kernels.block_score import bound_scores, score_blocks
+    from edgekv.kernels.block_score import bound_scores, key_copy, score_blocks
 
     codec = BlockCodec(shape.bits, shape.block_size, shape.head_dim)
     hkv, nb, d = shape.num_kv_heads, shape.num_blocks, shape.head_dim
-    rows = _random_rows(codec, hkv, nb, dev)
+    keys = key_copy(_random_rows(codec, hkv, nb, dev), codec)  # the GPU-resident key copy
     q = torch.randn(shape.num_heads, d, device=dev, dtype=dtype)
-    key_bytes = codec.code_bytes + (4 * d if shape.bits < 16 else 0)  # K codes + K scale/zero
-    nbytes = hkv * nb * key_bytes
-    t_torch = measure(lambda: score_blocks(q, rows, codec, backend="torch"))
-    t_triton = measure(lambda: score_blocks(q, rows, codec, backend="triton")) if triton_ok else None
+    nbytes = keys.numel()
+    t_torch = measure(lambda: score_blocks(q, keys, codec, backend="torch"))
+    t_triton = measure(lambda: score_blocks(q, keys, codec, backend="triton")) if triton_ok else None
     out = [_row("block_score (4-bit key copy)", f"{hkv}x{nb} blocks", nbytes, t_torch, t_triton, note=note)]
     kmin = torch.randn(hkv, nb, d, device=dev).half()
     kmax = kmin + 1

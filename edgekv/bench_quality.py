@@ -164,6 +164,8 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_figure
+
     metrics = [m for m in ("ppl_ratio", "agreement", "passkey") if m in rows[0]]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
     labels = [r["config"] for r in rows]
@@ -174,12 +176,7 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as exc:
-        raise EdgekvError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
+    save_figure(fig, path)
 
 
 def parse_configs(kv_bits: str, budgets: str) -> dict[str, dict]:

@@ -51,3 +51,17 @@ def _traffic(stats: dict) -> str:
     moved = ", ".join(f"{tier} {format_size(b)}" for tier, b in per_token.items() if b)
     gbps = ", ".join(f"{tier} {g:.2f} GB/s" for tier, g in stats.get("kv_gbps", {}).items() if g)
     return f" · read/token {moved or '0 B'}" + (f" ({gbps})" if gbps else "")
+
+
+def save_figure(fig, path) -> None:
+    """Write a matplotlib figure as PNG and close it; a write failure is a user error."""
+    import matplotlib.pyplot as plt
+
+    from .errors import EdgekvError
+
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as exc:
+        raise EdgekvError(f"cannot write the plot to {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)

@@ -59,9 +59,9 @@ def test_every_command_has_a_handler_and_help_lists_it() -> None:
 
 
 def test_read_document_errors(tmp_path: Path) -> None:
-    with pytest.raises(EdgekvError, match="No such file"):
+    with pytest.raises(EdgekvError, match="not found"):
         read_document(tmp_path / "missing.txt")
-    with pytest.raises(EdgekvError, match="folder"):
+    with pytest.raises(EdgekvError, match="directory"):
         read_document(tmp_path)
     (tmp_path / "blob.bin").write_bytes(b"\x7fELF\x00\x01\x02")
     with pytest.raises(EdgekvError, match="binary"):
@@ -277,7 +277,7 @@ async def test_load_command_errors_keep_the_app_usable(tmp_path: Path) -> None:
         await submit(pilot, "/load")
         await settle(pilot)
         errors = notes(app, "error")
-        assert "No such file" in errors[0]
+        assert "not found" in errors[0]
         assert "binary" in errors[1] and "empty" in errors[2]
         assert any("needs FILE" in n for n in notes(app, "warning"))
         assert app.conversation.pending_document is None and engine.calls == []

@@ -16,10 +16,8 @@ import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekv.errors import EdgekvError
 
 DOC_SEPARATOR = "\n\n"
-_SNIFF_BYTES = 8192
 
 
 @dataclass(frozen=True)
@@ -32,27 +30,11 @@ class Document:
 
 
 def read_document(path: str | Path) -> Document:
-    """Read a UTF-8 text file; raise EdgekvError for missing, binary or empty files."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise EdgekvError(f"No such file: {p}")
-    if p.is_dir():
-        raise EdgekvError(f"{p} is a folder; give a text file.")
-    try:
-        raw = p.read_bytes()
-    except OSError as error:
-        raise EdgekvError(f"Cannot read {p}: {error.strerror or error}") from None
-    if b"\x00" in raw[:_SNIFF_BYTES]:
-        raise EdgekvError(f"{p} looks like a binary file; give a text file.")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise EdgekvError(
-            f"{p} is not UTF-8 text (bad byte at offset {error.start})."
-        ) from None
-    if not text.strip():
-        raise EdgekvError(f"{p} is empty.")
-    return Document(name=p.name, text=text.rstrip())
+    """Read a UTF-8 text file; EdgekvError (as `edgekv generate` words it) for missing,
+    binary, non-UTF-8 or empty files."""
+    from edgekv.documents import read_document as read_text
+
+    return Document(name=Path(path).expanduser().name, text=read_text(str(path)).rstrip())
 
 
 @dataclass
