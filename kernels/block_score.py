@@ -1,0 +1,147 @@
+"""Block scoring: which blocks of a layer matter to the next token's query.
+
+Two scorers, each a torch twin plus a Triton kernel with the same signature:
+
+- `score_blocks` reads the 4-bit KEY part of the packed rows (the low-bit key copy: K
+  codes, K scale, K zero; the V part of a row is never read) and returns, per KV head
+  and block, the largest query-key product over the block's tokens:
+
+      score[h, b] = max_t  combine_{g < group} ( q[h*group + g] . k[h, b, t] )
+
+  with ``combine`` = ``max`` (default) or ``sum`` over the query heads sharing KV head
+  ``h`` (GQA). Unscaled dot products (no ``1/sqrt(head_dim)``), fp32.
+- `bound_scores` is the Quest upper bound on a per-block summary ``kmin``/``kmax``:
+
+      bound[h, b] = combine_g  sum_c max(q[g, c] * kmin[h, b, c], q[g, c] * kmax[h, b, c])
+
+  computed as ``relu(q) . kmax + min(q, 0) . kmin``. Kept for comparison: on the
+  embedded model it loses needles the key-copy scorer keeps (see MEASURED.md).
+
+Shapes: ``q: [num_heads, head_dim]`` (one decode token; ``num_heads`` a multiple of
+``num_kv_heads``), ``rows: [num_kv_heads, num_blocks, width] uint8`` (head-major, as the
+engine fetches a layer) where ``width`` is ``codec.row_bytes`` (whole rows) or
+``key_copy_bytes(codec)`` (compact key copies made by `key_copy`, the form to keep on
+the GPU), ``kmin, kmax: [num_kv_heads, num_blocks, head_dim] fp16``.
+Results: ``[num_kv_heads, num_blocks] fp32`` on q's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.quant import BlockCodec
+
+from ._backend import aligned_rows, dispatch, key_copy_bytes, key_copy_offsets, row_offsets
+
+__all__ = ["bound_scores", "decode_keys", "key_copy", "key_copy_bytes", "key_copy_offsets", "score_blocks"]
+
+COMBINES = ("max", "sum")
+
+
+def score_blocks(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *, combine: str = "max",
+                 backend: str = "auto") -> torch.Tensor:
+    """Block-max query-key scores over the packed key rows of one layer (see module doc).
+
+    q: [num_heads, head_dim] fp32/fp16/bf16. rows: [num_kv_heads, num_blocks, width]
+    uint8: whole rows in ``codec``'s layout or key copies (`key_copy`).
+    Returns [num_kv_heads, num_blocks] fp32.
+    backend: "auto" | "torch" | "triton" (`edgekv.kernels._backend`).
+    """
+    fn = dispatch(backend, score_blocks_torch, "block_score_triton", "score_blocks_triton", (q, rows))
+    return fn(q, rows, codec, combine=combine)
+
+
+def bound_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, combine: str = "max",
+                 backend: str = "auto") -> torch.Tensor:
+    """Quest min/max upper-bound scores (see module doc).
+
+    q: [num_heads, head_dim]; kmin, kmax: [num_kv_heads, num_blocks, head_dim] (fp16 as
+    `edgekv.kernels.compress` writes them; any float dtype works). Returns
+    [num_kv_heads, num_blocks] fp32.
+    """
+    fn = dispatch(backend, bound_scores_torch, "block_score_triton", "bound_scores_triton",
+                  (q, kmin, kmax))
+    return fn(q, kmin, kmax, combine=combine)
+
+
+# ---- torch twins ------------------------------------------------------------------------------
+
+
+def check_combine(combine: str) -> None:
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES} (got {combine!r})")
+
+
+def query_group(q: torch.Tensor, num_kv_heads: int, head_dim: int) -> int:
+    """Query heads per KV head, after checking ``q: [num_heads, head_dim]``."""
+    if q.dim() != 2 or q.shape[1] != head_dim or num_kv_heads < 1 or q.shape[0] % num_kv_heads:
+        raise ValueError(f"q must be [num_heads, {head_dim}] with num_heads a multiple of "
+                         f"num_kv_heads={num_kv_heads} (got {tuple(q.shape)})")
+    return q.shape[0] // num_kv_heads
+
+
+def key_copy(rows: torch.Tensor, codec: BlockCodec) -> torch.Tensor:
+    """The low-bit key copy of whole rows: ``[..., row_bytes]`` -> ``[..., key_copy_bytes]``
+    uint8 (K codes, K scale, K zero; see `key_copy_offsets`), a new tensor."""
+    if rows.dtype != torch.uint8 or rows.shape[-1] != codec.row_bytes:
+        raise ValueError(f"rows must be uint8 [..., {codec.row_bytes}] (got {tuple(rows.shape)} {rows.dtype})")
+    return torch.cat([rows[..., slice(*codec.offsets[name])] for name in key_copy_offsets(codec)], dim=-1)
+
+
+def decode_keys(rows: torch.Tensor, codec: BlockCodec) -> torch.Tensor:
+    """The keys alone of ``rows: [n, width] uint8`` (whole rows or key copies): fp32
+    ``[n, block_size, head_dim]``.
+
+    Reads only the K segments and computes exactly what ``codec.decode(rows)[0]`` does
+    (codes * scale, then + zero, in fp32).
+    """
+    off = row_offsets(codec, rows.shape[-1])
+    rows = aligned_rows(rows, codec, 2, rows.shape[-1])
+    n, b, d = rows.shape[0], codec.block_size, codec.head_dim
+    ks, ke = off["k"]
+    if codec.bits == 16:
+        return rows[:, ks:ke].view(torch.float16)[:, : b * d].reshape(n, b, d).float()
+    bits, cpb, mask = codec.bits, codec.codes_per_byte, (1 << codec.bits) - 1
+    packed = rows[:, ks:ke]
+    codes = torch.empty(n, codec.code_bytes, cpb, dtype=torch.float32, device=rows.device)
+    for j in range(cpb):
+        torch.bitwise_and(packed >> (bits * j), mask, out=codes[..., j])
+    k = codes.view(n, -1)[:, : b * d].reshape(n, b, d)
+    scale = rows[:, slice(*off["k_scale"])].view(torch.float16).float().view(n, 1, d)
+    zero = rows[:, slice(*off["k_zero"])].view(torch.float16).float().view(n, 1, d)
+    return k.mul_(scale).add_(zero)
+
+
+def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *,
+                       combine: str = "max") -> torch.Tensor:
+    """Twin of the Triton block scorer: decode the keys (fp32), one bmm per KV head."""
+    check_combine(combine)
+    if rows.dim() != 3:
+        raise ValueError(f"rows must be [num_kv_heads, num_blocks, width] (got {tuple(rows.shape)})")
+    hkv, nb = rows.shape[0], rows.shape[1]
+    b, d = codec.block_size, codec.head_dim
+    group = query_group(q, hkv, d)
+    if nb == 0:
+        return torch.empty(hkv, 0, dtype=torch.float32, device=q.device)
+    k = decode_keys(rows.reshape(hkv * nb, -1), codec).view(hkv, nb * b, d)
+    qg = q.float().view(hkv, group, d)
+    if combine == "sum":  # sum_g q_g . k == (sum_g q_g) . k
+        qg = qg.sum(dim=1, keepdim=True)
+    s = torch.bmm(qg, k.transpose(1, 2))  # [hkv, group|1, D] @ [hkv, D, nb*B] -> [hkv, group|1, nb*B]
+    return s.amax(dim=1).view(hkv, nb, b).amax(dim=2)
+
+
+def bound_scores_torch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+                       combine: str = "max") -> torch.Tensor:
+    """Twin of the Triton bound scorer: two bmm per KV head (positive and negative q)."""
+    check_combine(combine)
+    if kmin.dim() != 3 or kmin.shape != kmax.shape:
+        raise ValueError(f"kmin, kmax must both be [num_kv_heads, num_blocks, head_dim] "
+                         f"(got {tuple(kmin.shape)} and {tuple(kmax.shape)})")
+    hkv, nb, d = kmin.shape
+    group = query_group(q, hkv, d)
+    qg = q.float().view(hkv, group, d)
+    # [hkv, group, D] @ [hkv, D, nb] -> [hkv, group, nb]
+    s = torch.bmm(qg.clamp(min=0), kmax.float().transpose(1, 2))
+    s += torch.bmm(qg.clamp(max=0), kmin.float().transpose(1, 2))
+    return s.amax(dim=1) if combine == "max" else s.sum(dim=1)

@@ -1,0 +1,122 @@
+"""Sparse paged decode attention over selected compressed blocks plus the exact tail.
+
+One decode token: each query head attends to the tokens of its KV head's selected
+blocks (sink blocks + top-k blocks, as packed `BlockCodec` rows) followed by the exact
+recent tail, with one softmax over all of them:
+
+    keys of KV head h:  [ selected block 0 | block 1 | … | block k-1 ][ tail t0 … tL-1 ]
+                          packed rows, dequantized on the fly            model dtype
+
+    out[g] = softmax(q[g] . K^T * sm_scale) @ V      for query head g of KV head h
+
+GQA: query heads ``h*group .. h*group+group-1`` share KV head ``h``. Block order does
+not matter (softmax is permutation-invariant), so "sink + top-k" can come in any order.
+
+Two implementations with one signature:
+- `sparse_decode_attention_torch` (the twin): decodes the rows with `BlockCodec.decode`
+  to fp32 and does exact softmax attention in fp32; the CPU production path.
+- `sparse_decode_attention_triton` (`sparse_attention_triton.py`): flash-decoding,
+  dequantizing in registers; see the picture there.
+
+``num_valid`` lets a caller keep a fixed-size selection buffer: blocks at index
+``>= num_valid[h]`` of KV head ``h`` are ignored (their bytes are never read by the
+kernel). It is ``None`` (all valid), an int, or an int tensor ``[num_kv_heads]`` on the
+rows' device (no host sync in the kernel).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from edgekv.quant import BlockCodec
+
+from ._backend import dispatch
+from .block_score import query_group
+
+
+def sparse_decode_attention(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
+                            tail_k: torch.Tensor, tail_v: torch.Tensor, *,
+                            num_valid: int | torch.Tensor | None = None, sm_scale: float | None = None,
+                            split_blocks: int | None = None, backend: str = "auto") -> torch.Tensor:
+    """Attention of one decode token over selected packed blocks + the exact tail.
+
+    q: [num_heads, head_dim] fp32/fp16/bf16.
+    rows: [num_kv_heads, k_selected, row_bytes] uint8 in ``codec``'s layout
+        (bits 2, 4, 8 or 16); k_selected may be 0.
+    tail_k, tail_v: [num_kv_heads, tail_len, head_dim] fp32/fp16/bf16; tail_len may be 0.
+    num_valid: None | int | int tensor [num_kv_heads]: blocks used per KV head.
+    sm_scale: softmax scale (default 1/sqrt(head_dim)).
+    split_blocks: blocks per split of the Triton kernel (default: enough splits to fill
+        the GPU); the twin ignores it.
+    Returns [num_heads, head_dim] in q's dtype (zeros for a head with no tokens).
+    """
+    fn = dispatch(backend, sparse_decode_attention_torch, "sparse_attention_triton",
+                  "sparse_decode_attention_triton", (q, rows, tail_k, tail_v))
+    return fn(q, rows, codec, tail_k, tail_v, num_valid=num_valid, sm_scale=sm_scale,
+              split_blocks=split_blocks)
+
+
+def check_attention_args(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
+                         tail_k: torch.Tensor, tail_v: torch.Tensor) -> int:
+    """Validate shapes; return the query group size (query heads per KV head)."""
+    if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[2] != codec.row_bytes:
+        raise ValueError(f"rows must be uint8 [num_kv_heads, k_selected, {codec.row_bytes}] "
+                         f"(got {tuple(rows.shape)} {rows.dtype})")
+    hkv, d = rows.shape[0], codec.head_dim
+    if tail_k.dim() != 3 or tail_k.shape != tail_v.shape or tail_k.shape[0] != hkv or tail_k.shape[2] != d:
+        raise ValueError(f"tail_k and tail_v must both be [{hkv}, tail_len, {d}] "
+                         f"(got {tuple(tail_k.shape)} and {tuple(tail_v.shape)})")
+    return query_group(q, hkv, d)
+
+
+def valid_block_mask(num_valid: int | torch.Tensor | None, num_kv_heads: int, k_selected: int,
+                     device: torch.device) -> torch.Tensor | None:
+    """bool [num_kv_heads, k_selected]: True for blocks to attend (None: all of them)."""
+    if num_valid is None:
+        return None
+    if isinstance(num_valid, torch.Tensor):
+        if num_valid.shape != (num_kv_heads,):
+            raise ValueError(f"num_valid must be a [{num_kv_heads}] int tensor (got {tuple(num_valid.shape)})")
+        nv = num_valid.to(device=device, dtype=torch.int64)
+    else:
+        nv = torch.full((num_kv_heads,), int(num_valid), dtype=torch.int64, device=device)
+    return torch.arange(k_selected, device=device)[None, :] < nv[:, None]
+
+
+def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
+                                  tail_k: torch.Tensor, tail_v: torch.Tensor, *,
+                                  num_valid: int | torch.Tensor | None = None,
+                                  sm_scale: float | None = None,
+                                  split_blocks: int | None = None) -> torch.Tensor:
+    """The twin: `BlockCodec.decode` to fp32, then exact fp32 softmax attention.
+
+    The selected tokens and the tail are scored separately and softmaxed together
+    (no concatenated copy of K/V). ``split_blocks`` is accepted and ignored.
+    """
+    group = check_attention_args(q, rows, codec, tail_k, tail_v)
+    hkv, ksel = rows.shape[0], rows.shape[1]
+    b, d = codec.block_size, codec.head_dim
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    qg = q.float().view(hkv, group, d) * scale
+    scores, values = [], []
+    if ksel:
+        k, v = codec.decode(rows.reshape(hkv * ksel, -1), torch.float32)
+        k, v = k.view(hkv, ksel * b, d), v.view(hkv, ksel * b, d)
+        s = torch.bmm(qg, k.transpose(1, 2))  # [hkv, group, D] @ [hkv, D, ksel*B] -> [hkv, group, ksel*B]
+        valid = valid_block_mask(num_valid, hkv, ksel, s.device)
+        if valid is not None:
+            s.masked_fill_(~valid.repeat_interleave(b, dim=1)[:, None, :], float("-inf"))
+        scores.append(s)
+        values.append(v)
+    if tail_k.shape[1]:
+        # [hkv, group, D] @ [hkv, D, L] -> [hkv, group, L]
+        scores.append(torch.bmm(qg, tail_k.float().transpose(1, 2)))
+        values.append(tail_v.float())
+    out = torch.zeros(hkv, group, d, dtype=torch.float32, device=q.device)
+    if scores:
+        p = torch.softmax(torch.cat(scores, dim=2), dim=2).nan_to_num_(0.0)  # all-masked head -> 0
+        start = 0
+        for v in values:  # [hkv, group, n] @ [hkv, n, D] -> [hkv, group, D]
+            out.baddbmm_(p[:, :, start:start + v.shape[1]], v)
+            start += v.shape[1]
+    return out.view(hkv * group, d).to(q.dtype)
