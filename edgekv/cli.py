@@ -84,11 +84,13 @@ DeviceCacheOpt = typer.Option(None, "--device-cache", help="Device (GPU, or RAM 
 RamOpt = typer.Option(None, "--ram", help="Host RAM budget for KV blocks, e.g. 4GiB; colder blocks spill to disk.")
 DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (default: the edgekv cache folder).")
 DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
+KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, torch on CPU), triton, or torch.")
 
 
-def tier_options(*, kv_bits, offload, recent_window, device_cache, ram, disk_dir, disk_bytes) -> dict:
+def tier_options(*, kv_bits, offload, recent_window, device_cache, ram, disk_dir, disk_bytes, kernels) -> dict:
     return policy_kwargs(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                         device_cache_bytes=device_cache, ram_bytes=ram, disk_dir=disk_dir, disk_bytes=disk_bytes)
+                         device_cache_bytes=device_cache, ram_bytes=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
+                         kernels=kernels)
 
 
 def policy_kwargs(**options: object) -> dict:
@@ -119,6 +121,7 @@ def generate(
     ram: Optional[str] = RamOpt,
     disk_dir: Optional[str] = DiskDirOpt,
     disk_bytes: Optional[str] = DiskBytesOpt,
+    kernels: Optional[str] = KernelsOpt,
     doc_cache: bool = typer.Option(True, "--doc-cache/--no-doc-cache", help="Reuse (and keep) the document's processed KV across runs."),
     doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
 ) -> None:
@@ -139,7 +142,8 @@ def generate(
         engine = load(model, **policy_kwargs(device=device, dtype=dtype, block_size=block_size,
                                              prefill_chunk=prefill_chunk, threads=threads),
                       **tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                                     device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes))
+                                     device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
+                                     kernels=kernels))
         document = fit_document(engine, document, prompt, max_new_tokens=max_new_tokens,
                                 truncate=truncate.value if truncate else None)
         total = engine.count_tokens(document_messages(document, prompt))
@@ -255,6 +259,27 @@ def bench_quality(
             write_json(stats_json, {"rows": rows})
 
 
+@bench_app.command("kernels")
+def bench_kernels(
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    shapes: str = typer.Option("small", "--shapes", help="small, or llama8b (32/8 heads, head dim 128, 128K context)."),
+    context: Optional[int] = typer.Option(None, "--context", help="Context tokens (default: the shape's; reduced on CPU)."),
+    repeats: int = typer.Option(20, "--repeats", help="Timed repeats per kernel."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+) -> None:
+    """Each kernel vs its torch twin, attention vs dense SDPA over 16-bit KV; achieved GB/s."""
+    import torch
+
+    from .bench_kernels import run_kernel_bench
+
+    with user_errors():
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = run_kernel_bench(device=device, shapes=shapes, context=context, repeats=repeats)
+        if stats_json:
+            write_json(stats_json, {"rows": rows})
+
+
 @bench_app.command("tiers")
 def bench_tiers(
     doc_tokens: int = typer.Option(7800, "--doc-tokens", help="Tokens of the real document."),
@@ -294,6 +319,7 @@ def chat(
     ram: Optional[str] = RamOpt,
     disk_dir: Optional[str] = DiskDirOpt,
     disk_bytes: Optional[str] = DiskBytesOpt,
+    kernels: Optional[str] = KernelsOpt,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
     with user_errors():
@@ -303,7 +329,8 @@ def chat(
         policy = policy_kwargs(device=device, dtype=dtype, block_size=block_size,
                                prefill_chunk=prefill_chunk, threads=threads)
         policy.update(tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                                   device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes))
+                                   device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
+                                     kernels=kernels))
         Policy.from_kwargs(**policy)  # bad values fail here, before the app opens
         code = run_chat(model=model, doc=doc, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature)
     raise typer.Exit(code)

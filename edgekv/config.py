@@ -15,6 +15,7 @@ from .errors import EdgekvError
 KV_BITS = (2, 4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+KERNELS = ("auto", "triton", "torch")
 
 
 def parse_budget(value: int | str) -> int | str:
@@ -60,6 +61,8 @@ class Policy:
         strings such as "512MiB"); disk_dir: where the disk tier's file goes (None = the
         edgekv cache directory); disk_bytes 0 = no disk tier.
     budget: sparse-attention budget per decode step ("all" = dense).
+    kernels: attention/compression kernels of the offloaded cache: "triton", "torch"
+        (the reference twins) or "auto" (Triton on CUDA, torch on the CPU).
     threads: CPU threads for torch (0 = torch's default).
     """
 
@@ -75,6 +78,7 @@ class Policy:
     disk_dir: str | None = None
     disk_bytes: int | str = "64GiB"
     budget: int | str = "all"
+    kernels: str = "auto"
     threads: int = 0
 
     def __post_init__(self) -> None:
@@ -86,6 +90,8 @@ class Policy:
         _require_int("block_size", self.block_size, minimum=1)
         _require_int("recent_window", self.recent_window, minimum=0)
         _require_int("threads", self.threads, minimum=0)
+        if self.kernels not in KERNELS:
+            raise EdgekvError(f"invalid kernels {self.kernels!r}: use one of {', '.join(KERNELS)}")
         if self.kv_bits not in KV_BITS:
             raise EdgekvError(f"invalid kv_bits {self.kv_bits!r}: use one of {', '.join(map(str, KV_BITS))}")
         if not isinstance(self.offload, bool):

@@ -86,6 +86,9 @@ class Engine:
             torch.set_num_threads(policy.threads)
         self.device = _pick_device(policy)
         self.dtype = _pick_dtype(policy, self.device)
+        if policy.kernels == "triton" and self.device.type != "cuda":
+            # Triton runs CPU tensors only in its interpreter, chosen when it is first imported
+            os.environ.setdefault("TRITON_INTERPRET", "1")
         self.config = load_config(source)
         self.tokenizer = load_tokenizer(source)
         with torch.inference_mode():
@@ -126,11 +129,11 @@ class Engine:
                              max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
                              recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
                              ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
-                             dtype=self.dtype, device=self.device)
+                             dtype=self.dtype, device=self.device, kernels=p.kernels)
 
     # ---- policy and state -------------------------------------------------------------
     KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",
-                      "ram_bytes", "disk_dir", "disk_bytes")
+                      "ram_bytes", "disk_dir", "disk_bytes", "kernels")
 
     def update_policy(self, **changes: object) -> None:
         """Change policy keys (validated); a change to the KV layout drops the kept KV."""

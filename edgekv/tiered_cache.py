@@ -7,10 +7,12 @@ Per layer, the sequence is laid out as
       (one row per KV head per block)       recent_window + block_size - 1 tokens
 
 A token stays exact until it is `recent_window` tokens old and its whole block is; then
-the block is encoded (`BlockCodec`) and put in the store (device cache → RAM → disk).
-Attention fetches a layer's rows in one batched `get`, decodes them into a reusable
-scratch buffer next to the exact tail and attends densely over both: budget "all" is
-dense attention over the compressed cache. Row ids:
+the block is compressed (`compress_blocks`: packed rows in the `BlockCodec` layout) and
+put in the store (device cache → RAM → disk). A decode step fetches a layer's rows in one
+batched `get` and runs `sparse_decode_attention` over the packed rows (dequantized in
+registers by the Triton kernel, by the torch twin on the CPU) and the exact tail. A
+prefill chunk decodes the rows into a reusable scratch buffer next to the tail and
+attends densely. Budget "all" selects every block. Row ids:
 
     row(layer, kv_head, block) = (layer * num_kv_heads + kv_head) * max_blocks + block
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .attention import dense_attention
+from .kernels import compress_blocks, sparse_decode_attention
 from .quant import BlockCodec
 from .tiers import TierStore, check_budgets
 
@@ -30,10 +33,10 @@ class TieredKVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int,
                  block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
                  ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, kernels: str = "auto"):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.recent_window = block_size, recent_window
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.kernels = dtype, device, kernels
         self.codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
         self.max_blocks = -(-max_context // block_size)
         layer_rows = num_kv_heads * self.max_blocks
@@ -90,6 +93,12 @@ class TieredKVCache:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.tail_k[layer] = torch.cat((self.tail_k[layer], k), dim=1)
         self.tail_v[layer] = torch.cat((self.tail_v[layer], v), dim=1)
+        one_query = q.shape[1] == 1  # a decode step: the fused kernel over packed rows
+        if one_query:
+            rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, -1)
+            out = sparse_decode_attention(q[:, 0], rows, self.codec, self.tail_k[layer], self.tail_v[layer],
+                                          backend=self.kernels)
+            return out[:, None]  # [Hq, 1, D]
         keys, values = self.layer_keys_values(layer)
         return dense_attention(q, keys, values, q_start=self.length)
 
@@ -100,12 +109,12 @@ class TieredKVCache:
         new_blocks = max(0, exact - self.recent_window) // self.block_size
         if not new_blocks:
             return
-        n, B, H, D = new_blocks, self.block_size, self.num_kv_heads, self.head_dim
+        n, B = new_blocks, self.block_size
         blocks = torch.arange(self.num_blocks, self.num_blocks + n)
         for layer in range(self.num_layers):
-            k = self.tail_k[layer][:, : n * B].reshape(H * n, B, D)
-            v = self.tail_v[layer][:, : n * B].reshape(H * n, B, D)
-            self.store.put(self.row_ids(layer, blocks), self.codec.encode(k, v))
+            packed = compress_blocks(self.tail_k[layer][:, : n * B], self.tail_v[layer][:, : n * B],
+                                     self.codec, backend=self.kernels)  # rows [Hkv, n, row_bytes]
+            self.store.put(self.row_ids(layer, blocks), packed.rows.reshape(-1, self.codec.row_bytes))
             self.tail_k[layer] = self.tail_k[layer][:, n * B:].clone()
             self.tail_v[layer] = self.tail_v[layer][:, n * B:].clone()
         self.num_blocks += n

@@ -40,8 +40,8 @@ def embedded_source():
 
 @pytest.fixture(scope="session")
 def engine(embedded_source):
-    """The embedded SmolLM2-135M-Instruct engine (fp32, CPU), shared by the session."""
-    return edgekv.load()
+    """The embedded SmolLM2-135M-Instruct with the dense, exact KV cache (the reference path)."""
+    return edgekv.load(offload=False)
 
 
 def make_tiny_model(folder: Path, kind: str, embedded_folder: Path, seed: int = 0) -> Path:
