@@ -312,6 +312,9 @@ class Engine:
             "kv_read_bytes_per_token": {tier: round(b / decode_steps) for tier, b in t["bytes_read"].items()},
             "kv_gbps": {tier: round(t["gbps"][tier], 3) for tier in ("device", "ram", "disk")},
             "kv_disk_write_bytes": t["bytes_written"]["disk"],
+            # rows decode needed that were already on the device (cached or prefetched a layer ahead)
+            "device_hit_rate": round(t["device_hits"] / max(t["device_hits"] + t["device_misses"], 1), 4),
+            "prefetched_rows": t["prefetched_rows"],
         }
 
     def _stats(self, ids, reused, generated, t_prefill, t_decode, ttft, finish) -> dict:

@@ -51,6 +51,9 @@ class TieredKVCache:
                               f"KV blocks at full context need {format_size(need)}; raise --device-cache to at least that")
         self.store = TierStore(self.codec.row_bytes, device_cache_bytes=device_cache_bytes, ram_bytes=ram_bytes,
                                disk_dir=disk_dir, disk_bytes=disk_bytes, device=device)
+        # fetch layer l+1's rows in the background while layer l computes, when the
+        # device cache can hold two layers at once (else the prefetch would evict layer l)
+        self.prefetch_ahead = device_cache_bytes >= 2 * layer_rows * self.codec.row_bytes
         empty = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype, device=device)
         self.tail_k = [empty] * num_layers
         self.tail_v = [empty] * num_layers
@@ -95,6 +98,8 @@ class TieredKVCache:
         self.tail_v[layer] = torch.cat((self.tail_v[layer], v), dim=1)
         one_query = q.shape[1] == 1  # a decode step: the fused kernel over packed rows
         if one_query:
+            if self.prefetch_ahead and self.num_blocks:
+                self.store.prefetch(self.row_ids((layer + 1) % self.num_layers))
             rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, -1)
             out = sparse_decode_attention(q[:, 0], rows, self.codec, self.tail_k[layer], self.tail_v[layer],
                                           backend=self.kernels)
