@@ -100,7 +100,7 @@ class TieredKVCache:
         if one_query:
             if self.prefetch_ahead and self.num_blocks:
                 self.store.prefetch(self.row_ids((layer + 1) % self.num_layers))
-            rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, -1)
+            rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, self.codec.row_bytes)
             out = sparse_decode_attention(q[:, 0], rows, self.codec, self.tail_k[layer], self.tail_v[layer],
                                           backend=self.kernels)
             return out[:, None]  # [Hq, 1, D]

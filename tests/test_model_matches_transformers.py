@@ -43,6 +43,6 @@ def test_embedded_model_logits_match_transformers_over_prefill_and_decode(engine
 def test_tiny_model_families_match_transformers(kind, tiny_models, long_text):
     folder = tiny_models[kind]
     # small prefill chunks so chunked prefill (masks with an offset) is exercised too
-    engine = Engine(resolve_model(folder), Policy(prefill_chunk=37, block_size=16))
+    engine = Engine(resolve_model(folder), Policy(prefill_chunk=37, block_size=16, offload=False))
     ids = engine.tokenizer.encode(long_text)[:300]
     assert _compare(engine, folder, ids, decode_steps=16) <= TOL
