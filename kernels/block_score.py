@@ -131,15 +131,21 @@ def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     return s.amax(dim=1).view(hkv, nb, b).amax(dim=2)
 
 
-def bound_scores_torch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
-                       combine: str = "max") -> torch.Tensor:
-    """Twin of the Triton bound scorer: two bmm per KV head (positive and negative q)."""
+def check_bound_args(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
+                     combine: str) -> tuple[int, int, int, int]:
+    """``(num_kv_heads, num_blocks, head_dim, group)`` after checking the bound scorer's inputs."""
     check_combine(combine)
     if kmin.dim() != 3 or kmin.shape != kmax.shape:
         raise ValueError(f"kmin, kmax must both be [num_kv_heads, num_blocks, head_dim] "
                          f"(got {tuple(kmin.shape)} and {tuple(kmax.shape)})")
     hkv, nb, d = kmin.shape
-    group = query_group(q, hkv, d)
+    return hkv, nb, d, query_group(q, hkv, d)
+
+
+def bound_scores_torch(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
+                       combine: str = "max") -> torch.Tensor:
+    """Twin of the Triton bound scorer: two bmm per KV head (positive and negative q)."""
+    hkv, nb, d, group = check_bound_args(q, kmin, kmax, combine)
     qg = q.float().view(hkv, group, d)
     # [hkv, group, D] @ [hkv, D, nb] -> [hkv, group, nb]
     s = torch.bmm(qg.clamp(min=0), kmax.float().transpose(1, 2))

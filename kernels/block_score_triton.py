@@ -21,7 +21,7 @@ from edgekv.quant import BlockCodec
 from ._backend import (aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, row_offsets,
                        tile_layout)
 from ._tl_blocks import load_k_tile, mma
-from .block_score import check_combine, query_group
+from .block_score import check_bound_args, check_combine, query_group
 
 BLOCKS_PER_PROG = 4  # blocks scored by one program of the key scorer
 BOUND_BLOCKS = 32  # blocks scored by one program of the bound scorer
@@ -120,12 +120,7 @@ def score_blocks_triton(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, 
 def bound_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *,
                         combine: str = "max") -> torch.Tensor:
     """Triton twin of `edgekv.kernels.block_score.bound_scores_torch` (one launch)."""
-    check_combine(combine)
-    if kmin.dim() != 3 or kmin.shape != kmax.shape:
-        raise ValueError(f"kmin, kmax must both be [num_kv_heads, num_blocks, head_dim] "
-                         f"(got {tuple(kmin.shape)} and {tuple(kmax.shape)})")
-    hkv, nb, d = kmin.shape
-    group = query_group(q, hkv, d)
+    hkv, nb, d, group = check_bound_args(q, kmin, kmax, combine)
     check_triton_device(_bound_kernel, q, kmin, kmax)
     q, kmin, kmax = (_last_contiguous(x) for x in (q, kmin, kmax))
     out = torch.empty(hkv, nb, dtype=torch.float32, device=q.device)
