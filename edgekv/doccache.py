@@ -99,12 +99,10 @@ def cache_key(
 
 
 def default_cache_dir() -> Path:
-    """Where document caches live unless told otherwise: `$EDGEKV_DOC_CACHE_DIR`, else
-    `documents/` under edgekv's cache directory (see `edgekv.loader.cache_root`)."""
-    from .loader import cache_root
+    """Where document caches live unless told otherwise (see `edgekv.loader.document_cache_dir`)."""
+    from .loader import document_cache_dir
 
-    env = os.environ.get("EDGEKV_DOC_CACHE_DIR")
-    return Path(env).expanduser() if env else cache_root() / "documents"
+    return document_cache_dir()
 
 
 @dataclass(frozen=True)

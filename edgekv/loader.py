@@ -46,6 +46,12 @@ def cache_root() -> Path:
     return Path(base) / "edgekv"
 
 
+def document_cache_dir() -> Path:
+    """Where processed documents' KV is kept: $EDGEKV_DOC_CACHE_DIR, else cache_root()/documents."""
+    env = os.environ.get("EDGEKV_DOC_CACHE_DIR")
+    return Path(env).expanduser() if env else cache_root() / "documents"
+
+
 def embedded_model_file() -> Path:
     """The GGUF file of the embedded default model (found, never imported)."""
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)

@@ -566,13 +566,12 @@ async def test_ctrl_c_during_an_answer_exits_and_stops_the_engine() -> None:
 @pytest.mark.real_model
 async def test_real_engine_end_to_end(tmp_path: Path) -> None:
     import edgekv
-    from edgekv.doccache import DocumentCache
 
     doc = tmp_path / "doc.txt"
     doc.write_text("Notes from the trip.\nThe secret passkey is 4217. Remember it.\n"
                    "The weather was fine all week.\n")
-    cache = DocumentCache(tmp_path / "docs")
-    app = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache=cache)
+    cache = tmp_path / "docs"
+    app = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache_dir=cache)
     async with app.run_test(size=SIZE) as pilot:
         assert isinstance(app.focused, Input)
         await settle(pilot, timeout_s=240)
@@ -590,7 +589,7 @@ async def test_real_engine_end_to_end(tmp_path: Path) -> None:
         assert app.last_stats["reused_tokens"] >= stats["prompt_tokens"] - 8
         print(f"\nreal answer: {turn.answer!r}; stats: {json.dumps(app.last_stats)}")
     # a new app (a new engine) finds the processed document in the document cache
-    again = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache=cache)
+    again = ChatApp(lambda: edgekv.load(model=None), doc=str(doc), max_new_tokens=12, doc_cache_dir=cache)
     async with again.run_test(size=SIZE) as pilot:
         await settle(pilot, timeout_s=240)
         assert any("document cache" in text for text in notes(again)), notes(again)

@@ -97,11 +97,11 @@ class ChatApp(CommandHandlers, App[int]):
         max_new_tokens: int = 512,
         temperature: float = 0.0,
         model_label: str | None = None,
-        doc_cache: Any = None,
+        doc_cache_dir: str | Path | None = None,
     ) -> None:
         super().__init__()
         self._factory = engine_factory
-        self._doc_cache = doc_cache  # an edgekv DocumentCache, or None
+        self._doc_cache_dir = doc_cache_dir  # persistent document cache folder, or None
         self._doc_path = doc
         self._model_label = model_label or "default model"
         self.sampling = session.Sampling(max_new_tokens, temperature)
@@ -206,7 +206,7 @@ class ChatApp(CommandHandlers, App[int]):
     @work(thread=True, group="engine", exit_on_error=False)
     def _document_worker(self, messages: list[dict[str, str]], name: str, job: Job) -> None:
         session.prefill_document(self.engine, messages, name, self.sampling, job.cancel,
-                                 job.post, self._doc_cache)
+                                 job.post, self._doc_cache_dir)
 
     @work(thread=True, group="engine", exit_on_error=False)
     def _trim_worker(self, snapshot: Conversation, question: str, job: Job) -> None:
@@ -466,11 +466,11 @@ def run_chat(
 
         return edgekv.load(model=model, **policy)
 
-    from edgekv.doccache import DocumentCache, default_cache_dir
+    from edgekv.loader import document_cache_dir  # torch-free: the app opens at once
 
     app = ChatApp(
         load_engine, doc=doc, max_new_tokens=max_new_tokens, temperature=temperature,
-        model_label=model, doc_cache=DocumentCache(default_cache_dir()),
+        model_label=model, doc_cache_dir=document_cache_dir(),
     )
     app.run()
     return app.return_code or 0

@@ -95,12 +95,12 @@ def _prefill_progress(cancel: threading.Event, emit: Emit) -> Callable[[int, int
 
 def prefill_document(
     engine: Engine, messages: list[dict[str, str]], name: str, sampling: Sampling,
-    cancel: threading.Event, emit: Emit, doc_cache: Any = None,
+    cancel: threading.Event, emit: Emit, doc_cache_dir: Any = None,
 ) -> None:
     """Process the document now (no answer) so the next question finds its KV ready.
 
-    With a `doc_cache` (an edgekv DocumentCache) the document's KV is loaded from it
-    when another run processed the same document, and saved to it otherwise.
+    With a `doc_cache_dir` (edgekv's persistent document cache) the document's KV is
+    loaded from it when another run processed the same document, and saved otherwise.
     """
     try:
         tokens = engine.count_tokens(messages)
@@ -110,10 +110,12 @@ def prefill_document(
                 f"answer, but the model holds {engine.max_context:,}. Load a shorter "
                 "document or `/reset` first.")))
             return
-        if doc_cache is not None:
+        if doc_cache_dir is not None:
+            from edgekv.doccache import DocumentCache
             from edgekv.prefix_cache import process_document
 
-            stats = process_document(engine, messages, doc_cache, _prefill_progress(cancel, emit))
+            stats = process_document(engine, messages, DocumentCache(doc_cache_dir),
+                                     _prefill_progress(cancel, emit))
         else:
             stats = engine.generate(
                 messages, max_new_tokens=0, temperature=sampling.temperature,
