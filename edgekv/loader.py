@@ -181,22 +181,59 @@ def _check_architecture(model_type: str, where: object) -> None:
         )
 
 
-def load_config(source: ModelSource):
-    """The transformers config of `source`, checked for a supported architecture."""
-    from transformers import AutoConfig
+# Defaults of transformers' config classes for keys a config.json may leave out.
+_CONFIG_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "use_sliding_window": False},
+}
 
+
+def load_config(source: ModelSource):
+    """The model's config (attribute access like a transformers config), architecture checked.
+
+    config.json is read directly: importing transformers' config machinery costs seconds
+    on every start. Only a rope scaling other than the default needs transformers' own
+    config class (its rope initialisers read it), and then that is what is returned.
+    """
+    from types import SimpleNamespace
+
+    path = source.folder / "config.json"
     try:
-        config = AutoConfig.from_pretrained(source.folder)
-    except Exception as exc:
-        raise EdgekvError(f"cannot read {source.folder / 'config.json'}: {exc}") from None
-    _check_architecture(config.model_type, source.folder)
-    return config
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise EdgekvError(f"cannot read {path}: {exc}") from None
+    _check_architecture(raw.get("model_type"), source.folder)
+    rope = raw.get("rope_parameters")
+    if not rope:  # older configs: rope_theta + rope_scaling
+        scaling = dict(raw.get("rope_scaling") or {})
+        if "type" in scaling:
+            scaling.setdefault("rope_type", scaling.pop("type"))
+        rope = {"rope_type": "default", **scaling, "rope_theta": raw.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(source.folder)
+        except Exception as exc:
+            raise EdgekvError(f"cannot read {path}: {exc}") from None
+    values = {"tie_word_embeddings": False, "rms_norm_eps": 1e-6, "eos_token_id": None, "head_dim": None,
+              "num_key_value_heads": None, "sliding_window": None,
+              **_CONFIG_DEFAULTS[raw["model_type"]], **raw, "rope_parameters": rope}
+    return SimpleNamespace(**values)
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
-
+    """The tokenizer: `FastTokenizer` on tokenizer.json, else transformers' AutoTokenizer."""
     try:
+        if (source.folder / "tokenizer.json").is_file():
+            from .tokenizer import FastTokenizer
+
+            return FastTokenizer(source.folder)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(source.folder)
     except Exception as exc:
         raise EdgekvError(f"cannot load the tokenizer from {source.folder}: {exc}") from None
