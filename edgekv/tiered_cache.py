@@ -22,8 +22,10 @@ from __future__ import annotations
 import torch
 
 from .attention import dense_attention
+from .errors import BudgetError
 from .kernels import compress_blocks, sparse_decode_attention
 from .quant import BlockCodec
+from .sizes import format_size
 from .tiers import TierStore, check_budgets
 
 
@@ -43,9 +45,6 @@ class TieredKVCache:
         check_budgets(self.codec.row_bytes, min_ram_rows=layer_rows, device_cache_bytes=device_cache_bytes,
                       ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=disk_dir is not None)
         if device_cache_bytes < layer_rows * self.codec.row_bytes:
-            from .errors import BudgetError
-            from .sizes import format_size
-
             need = layer_rows * self.codec.row_bytes
             raise BudgetError(f"device cache budget {format_size(device_cache_bytes)} is too small: one layer's "
                               f"KV blocks at full context need {format_size(need)}; raise --device-cache to at least that")

@@ -180,3 +180,12 @@ def test_second_question_reuses_the_document_from_the_cache(tiny_folder, tmp_pat
     third = ask("Who wrote it?")
     assert third["document_kv"] == "computed" and third["text"] == fresh["text"]
     assert sum("rebuilt" in line or "corrupt" in line.lower() for line in third["stderr"].splitlines()) == 1
+
+
+def test_too_small_device_cache_names_what_one_layer_needs(tiny_folder, tmp_path):
+    doc = tmp_path / "d.txt"
+    doc.write_text("A short document.")
+    result = runner.invoke(app, ["generate", str(doc), "-p", "q", "--model", str(tiny_folder), "--device-cache", "4KiB"])
+    assert result.exit_code == 2
+    message = result.stderr.strip()
+    assert message.startswith("error: device cache budget 4 KiB is too small") and "--device-cache" in message
