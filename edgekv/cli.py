@@ -87,15 +87,19 @@ DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 6
 KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, torch on CPU), triton, or torch.")
 
 
-def tier_options(*, kv_bits, offload, recent_window, device_cache, ram, disk_dir, disk_bytes, kernels) -> dict:
-    return policy_kwargs(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                         device_cache_bytes=device_cache, ram_bytes=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
-                         kernels=kernels)
+# The options generate and chat share: CLI parameter name -> policy key.
+POLICY_OPTIONS = {
+    "device": "device", "dtype": "dtype", "block_size": "block_size", "prefill_chunk": "prefill_chunk",
+    "threads": "threads", "kv_bits": "kv_bits", "offload": "offload", "recent_window": "recent_window",
+    "device_cache": "device_cache_bytes", "ram": "ram_bytes", "disk_dir": "disk_dir",
+    "disk_bytes": "disk_bytes", "kernels": "kernels",
+}
 
 
-def policy_kwargs(**options: object) -> dict:
-    """The policy keys the user actually set on the command line."""
-    return {k: v for k, v in options.items() if v is not None}
+def policy_from_options(params: dict) -> dict:
+    """Policy keywords from a command's parameters: the policy options the user set."""
+    return {POLICY_OPTIONS[name]: value for name, value in params.items()
+            if name in POLICY_OPTIONS and value is not None}
 
 
 @app.command()
@@ -126,6 +130,7 @@ def generate(
     doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
 ) -> None:
     """Answer a question about a long document; the answer streams to stdout."""
+    policy = policy_from_options(locals())
     from .doccache import DocumentCache, default_cache_dir
     from .documents import document_messages, fit_document, read_document
     from .prefix_cache import ask_about_document
@@ -139,11 +144,7 @@ def generate(
         document = read_document(path)
         from . import load
 
-        engine = load(model, **policy_kwargs(device=device, dtype=dtype, block_size=block_size,
-                                             prefill_chunk=prefill_chunk, threads=threads),
-                      **tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                                     device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
-                                     kernels=kernels))
+        engine = load(model, **policy)
         document = fit_document(engine, document, prompt, max_new_tokens=max_new_tokens,
                                 truncate=truncate.value if truncate else None)
         total = engine.count_tokens(document_messages(document, prompt))
@@ -322,15 +323,11 @@ def chat(
     kernels: Optional[str] = KernelsOpt,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
+    policy = policy_from_options(locals())
     with user_errors():
         from .config import Policy
         from .tui.app import run_chat
 
-        policy = policy_kwargs(device=device, dtype=dtype, block_size=block_size,
-                               prefill_chunk=prefill_chunk, threads=threads)
-        policy.update(tier_options(kv_bits=kv_bits, offload=offload, recent_window=recent_window,
-                                   device_cache=device_cache, ram=ram, disk_dir=disk_dir, disk_bytes=disk_bytes,
-                                     kernels=kernels))
         Policy.from_kwargs(**policy)  # bad values fail here, before the app opens
         code = run_chat(model=model, doc=doc, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature)
     raise typer.Exit(code)
