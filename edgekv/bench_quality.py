@@ -21,15 +21,10 @@ import sys
 import time
 from pathlib import Path
 
+from .bench_speed import prompt_ids
 from .errors import EdgekvError
 
 TASKS = ("ppl", "agreement", "passkey")
-
-
-def document_ids(tokenizer, length: int) -> list[int]:
-    from .bench_speed import prompt_ids
-
-    return prompt_ids(tokenizer, length)
 
 
 def haystack_text(tokens: int, tokenizer, seed: int) -> str:
@@ -60,7 +55,7 @@ def run_ppl(engine, ids: list[int], score_tokens: int) -> float:
 
 
 def run_agreement(engine, doc_tokens: int, new_tokens: int) -> list[int]:
-    text = engine.tokenizer.decode(document_ids(engine.tokenizer, doc_tokens))
+    text = engine.tokenizer.decode(prompt_ids(engine.tokenizer, doc_tokens))
     engine.reset()
     out = engine.generate([{"role": "user", "content": text + "\n\nSummarise the text above."}],
                           max_new_tokens=new_tokens, ignore_eos=True).token_ids
@@ -91,7 +86,7 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
     if unknown:
         raise EdgekvError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
     reference = load(model, progress=False, offload=False)
-    ids = document_ids(reference.tokenizer, ppl_context) if "ppl" in tasks else []
+    ids = prompt_ids(reference.tokenizer, ppl_context) if "ppl" in tasks else []
     if ppl_context > reference.max_context or passkey_context > reference.max_context:
         raise EdgekvError(f"contexts must be <= the model's {reference.max_context} tokens")
     rows = []

@@ -191,6 +191,10 @@ class Engine:
         self.cached_ids.extend(ids)
         return hidden[-1]
 
+    def _decode_step(self, token: int) -> torch.Tensor:
+        """Feed one token after the cached ones; returns its float32 logits [vocab]."""
+        return self.model.logits(self._forward([token])[None])[0]
+
     def prefill(self, ids: list[int], on_progress: OnProgress | None = None) -> tuple[torch.Tensor, int]:
         """Make the KV cache hold `ids`, reusing the shared prefix; returns (last logits, reused tokens).
 
@@ -236,7 +240,7 @@ class Engine:
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
             if i + 1 < len(ids):
-                logits = self.model.logits(self._forward([ids[i]])[None])[0]
+                logits = self._decode_step(ids[i])
         return torch.stack(nll).cpu()
 
     @torch.inference_mode()
@@ -279,7 +283,7 @@ class Engine:
         t_decode0 = time.perf_counter()
         while len(generated) < max_new_tokens:
             if generated:
-                logits = self.model.logits(self._forward([generated[-1]])[None])[0]
+                logits = self._decode_step(generated[-1])
             token = sample_next(logits.cpu(), temperature=temperature, top_p=top_p, generator=generator)
             if ttft is None:
                 ttft = time.perf_counter() - t0

@@ -28,7 +28,7 @@ def stable_prefix(engine, messages: list[dict]) -> list[int]:
     return ids[:shared]
 
 
-def document_prefix(engine, document: str, question: str) -> list[int]:
+def document_prefix(engine, document: str) -> list[int]:
     """Token ids shared by every prompt about `document`: template header + document."""
     return stable_prefix(engine, document_messages(document, ""))
 
@@ -85,14 +85,14 @@ def ask_about_document(engine, document: str, question: str, *, cache: DocumentC
     or prefilling it) in prefill time and time to first token, and say where the
     document's KV came from (stats["document_kv"]: "memory", "disk" or "computed").
     """
-    messages = document_messages(document, question)
-    if cache is None or engine.count_tokens(messages) > engine.max_context:  # overlong: generate says why
-        return engine.generate(messages, on_progress=on_progress, **generate_kwargs)
+    ids = engine.encode(document_messages(document, question))  # tokenized once, generated from ids
+    if cache is None or len(ids) > engine.max_context:  # overlong: generate says why
+        return engine.generate(ids, on_progress=on_progress, **generate_kwargs)
     started = time.perf_counter()
-    prefix = document_prefix(engine, document, question)
+    prefix = document_prefix(engine, document)
     source = warm_prefix(engine, cache, prefix, on_progress)
     warm_s = time.perf_counter() - started
-    result = engine.generate(messages, on_progress=on_progress, **generate_kwargs)
+    result = engine.generate(ids, on_progress=on_progress, **generate_kwargs)
     fold_warmup(result.stats, source=source, seconds=warm_s, prefix_tokens=len(prefix))
     return result
 

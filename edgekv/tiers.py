@@ -2,7 +2,7 @@
 
 A row is `row_bytes` uint8 bytes (one compressed KV block of one KV head; the store knows
 nothing about its layout) named by a non-negative int64 id that the caller chooses.
-Budgets are bytes; sizes given by users go through `parse_size` ("512MiB", "2GiB").
+Budgets are bytes; sizes given by users go through `edgekv.sizes.parse_size` ("512MiB", "2GiB").
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 import torch
 
 from edgekv.errors import BudgetError, DiskFullError, EdgekvError
-from edgekv.sizes import format_size, parse_size  # noqa: F401  (parse_size is re-exported)
+from edgekv.sizes import format_size
 
 _IOV_MAX = 1024  # buffers per os.preadv call (the Linux limit)
 _GROW_ROWS_MIN = 1 << 20  # bytes a growing pool adds at least, rounded to rows

@@ -27,7 +27,7 @@ def _compare(engine: Engine, folder, prompt_ids: list[int], decode_steps: int) -
         for _ in range(decode_steps):
             out = ref(torch.tensor([[token]]), past_key_values=past, use_cache=True)
             past = out.past_key_values
-            ours = engine.model.logits(engine._forward([token])[None])[0]
+            ours = engine._decode_step(token)
             worst = max(worst, (ours - out.logits[0, -1]).abs().max().item())
             token = int(ours.argmax())
     return worst

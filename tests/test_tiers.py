@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from edgekv.errors import BudgetError, DiskFullError, EdgekvError
-from edgekv.tiers import TierStore, check_budgets, format_size, parse_size
+from edgekv.sizes import format_size, parse_size
+from edgekv.tiers import TierStore, check_budgets
 
 ROW = 48  # bytes per row: small and not a power of two
 
