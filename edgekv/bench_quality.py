@@ -47,11 +47,14 @@ def passkey_messages(tokenizer, context: int, depth: float, key: int, seed: int)
     return [{"role": "user", "content": text + "\n\nWhat is the secret passkey? Answer with the number only."}]
 
 
-def run_ppl(engine, ids: list[int], score_tokens: int) -> float:
+def run_ppl(engine, ids: list[int], score_tokens: int) -> tuple[float, dict]:
+    """Perplexity of the last `score_tokens` tokens, and the selection figures of those steps."""
     engine.reset()
     nll = engine.score(ids, prefill=len(ids) - score_tokens)
+    counters = getattr(engine.kv, "counters", None)
+    selection = counters.as_stats(score_tokens - 1) if counters is not None else {}
     engine.reset()
-    return math.exp(float(nll.mean()))
+    return math.exp(float(nll.mean())), selection
 
 
 def run_agreement(engine, doc_tokens: int, new_tokens: int) -> list[int]:
@@ -77,8 +80,8 @@ def run_passkey(engine, context: int, trials: int) -> float:
 
 
 def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: list[str], ppl_context: int,
-                      score_tokens: int, agreement_doc: int, agreement_tokens: int, passkey_context: int,
-                      passkey_trials: int, plot: Path | None) -> list[dict]:
+                      score_tokens: int, agreement_doc: int, agreement_tokens: int,
+                      passkey_contexts: list[int], passkey_trials: int, plot: Path | None) -> list[dict]:
     """Run each task for the dense reference and every config; print a table, plot, return rows."""
     from .engine import load
 
@@ -87,7 +90,7 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
         raise EdgekvError(f"unknown task(s) {', '.join(unknown)}: choose from {', '.join(TASKS)}")
     reference = load(model, progress=False, offload=False)
     ids = prompt_ids(reference.tokenizer, ppl_context) if "ppl" in tasks else []
-    if ppl_context > reference.max_context or passkey_context > reference.max_context:
+    if max(ppl_context, agreement_doc + agreement_tokens + 32, *passkey_contexts) > reference.max_context:
         raise EdgekvError(f"contexts must be <= the model's {reference.max_context} tokens")
     rows = []
     all_configs = {"dense": {"offload": False}, **configs}
@@ -98,9 +101,10 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
         engine = reference if label == "dense" else load(model, progress=False, **policy)
         row: dict = {"config": label, "policy": policy}
         if "ppl" in tasks:
-            row["ppl"] = run_ppl(engine, ids, score_tokens)
+            row["ppl"], selection = run_ppl(engine, ids, score_tokens)
             ref_ppl = ref_ppl or row["ppl"]
             row["ppl_ratio"] = row["ppl"] / ref_ppl
+            row.update({k: v for k, v in selection.items() if v is not None})
         if "agreement" in tasks:
             tokens = run_agreement(engine, agreement_doc, agreement_tokens)
             ref_tokens = ref_tokens or tokens
@@ -108,7 +112,8 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row["agreement"] = sum(same) / len(same)
             row["identical_prefix"] = next((i for i, s in enumerate(same) if not s), len(same))
         if "passkey" in tasks:
-            row["passkey"] = run_passkey(engine, passkey_context, passkey_trials)
+            for context in passkey_contexts:
+                row[f"passkey@{context}"] = run_passkey(engine, context, passkey_trials)
         row["seconds"] = round(time.perf_counter() - started, 1)
         if engine is not reference:
             engine.close()
@@ -127,8 +132,11 @@ def format_row(row: dict) -> str:
         parts.append(f"ppl {row['ppl']:.4f} (x{row['ppl_ratio']:.4f})")
     if "agreement" in row:
         parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']})")
-    if "passkey" in row:
-        parts.append(f"passkey {row['passkey']:.0%}")
+    parts += [f"{k} {v:.0%}" for k, v in row.items() if k.startswith("passkey@")]
+    if "selected_fraction" in row:
+        parts.append(f"blocks attended {row['selected_fraction']:.1%}")
+    if "prefetch_hit_rate" in row:
+        parts.append(f"prefetch hit rate {row['prefetch_hit_rate']:.1%}")
     return " · ".join(parts) + f" · {row['seconds']} s"
 
 
@@ -138,8 +146,9 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
         head += f" {'ppl':>8} {'vs dense':>9}"
     if "agreement" in tasks:
         head += f" {'agree':>6} {'same first':>10}"
-    if "passkey" in tasks:
-        head += f" {'passkey':>8}"
+    passkeys = [k for k in rows[0] if k.startswith("passkey@")]
+    head += "".join(f" {k:>13}" for k in passkeys)
+    head += f" {'blocks':>7} {'hit rate':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         line = f"{r['config']:<24}"
@@ -147,10 +156,14 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
             line += f" {r['ppl']:>8.4f} {r['ppl_ratio']:>8.4f}x"
         if "agreement" in tasks:
             line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10}"
-        if "passkey" in tasks:
-            line += f" {r['passkey']:>8.0%}"
+        line += "".join(f" {r[k]:>13.0%}" for k in passkeys)
+        line += f" {_share(r.get('selected_fraction')):>7} {_share(r.get('prefetch_hit_rate')):>8}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1%}"
 
 
 def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
@@ -161,27 +174,41 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
     from .report import save_figure
 
-    metrics = [m for m in ("ppl_ratio", "agreement", "passkey") if m in rows[0]]
+    metrics = [m for m in rows[0] if m in ("ppl_ratio", "agreement") or m.startswith("passkey@")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
     labels = [r["config"] for r in rows]
     for ax, metric in zip(axes[0], metrics):
         ax.bar(labels, [r[metric] for r in rows], color="tab:blue")
-        ax.set_title({"ppl_ratio": "perplexity / dense", "agreement": "greedy agreement with dense",
-                      "passkey": "passkey accuracy"}[metric])
+        ax.set_title({"ppl_ratio": "perplexity / dense", "agreement": "greedy agreement with dense"}.get(
+            metric, f"passkey accuracy, {metric.removeprefix('passkey@')} tokens"))
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
 
 
-def parse_configs(kv_bits: str, budgets: str) -> dict[str, dict]:
-    """Configurations to compare: every kv_bits x budget pair."""
-    from .config import parse_budget
+def parse_configs(kv_bits: str, budgets: str, scorers: str = "keys4", **selection: object) -> dict[str, dict]:
+    """Configurations to compare: every kv_bits x budget (x scorer, for sparse budgets)
+    pair; `selection` (dense_layers, sink_blocks, speculate) applies to all of them."""
+    from .config import SCORER_NAMES, Policy, parse_budget
 
     try:
         bits = [int(b) for b in kv_bits.split(",") if b.strip()]
     except ValueError:
         raise EdgekvError(f"invalid --kv-bits {kv_bits!r}: give a list such as 16,8,4,2") from None
     budget_list = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
-    return {f"{b}-bit" + ("" if budget == "all" else f", budget {budget}"): {"kv_bits": b, "budget": budget}
-            for b in bits for budget in budget_list}
+    scorer_list = [x.strip() for x in scorers.split(",") if x.strip()]
+    for name in scorer_list:
+        if name not in SCORER_NAMES:
+            raise EdgekvError(f"invalid scorer {name!r}: use one of {', '.join(SCORER_NAMES)}")
+    extra = {k: v for k, v in selection.items() if v is not None}
+    configs = {}
+    for b in bits:
+        for budget in budget_list:
+            for scorer in scorer_list if budget != "all" else scorer_list[:1]:
+                label = f"{b}-bit"
+                if budget != "all":
+                    label += f", {budget}" + (f", {scorer}" if len(scorer_list) > 1 else "")
+                configs[label] = {"kv_bits": b, "budget": budget, "scorer": scorer, **extra}
+                Policy.from_kwargs(**configs[label])  # bad values fail before any run
+    return configs

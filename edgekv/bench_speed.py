@@ -15,13 +15,13 @@ import torch
 from .errors import EdgekvError
 
 
-def parse_contexts(text: str) -> list[int]:
+def parse_contexts(text: str, flag: str = "--contexts") -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         values = []
     if not values or min(values) < 16:
-        raise EdgekvError(f"invalid --contexts {text!r}: give comma-separated token counts >= 16, e.g. 1024,4096")
+        raise EdgekvError(f"invalid {flag} {text!r}: give comma-separated token counts >= 16, e.g. 1024,4096")
     return values
 
 
@@ -67,22 +67,35 @@ def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
     engine.reset()
     result = engine.generate(ids, max_new_tokens=decode_tokens, ignore_eos=True)
     s = result.stats
-    return {"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "ttft_s": s["ttft_s"]}
+    out = {"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "ttft_s": s["ttft_s"]}
+    if s.get("decode_ms_per_token"):
+        out["decode_ms_per_token"] = s["decode_ms_per_token"]
+    return out
 
 
 ENGINES = {"edgekv dense": {"offload": False}, "edgekv 4-bit tiers": {"kv_bits": 4}}
 
 
+def engine_configs(budgets: list[int | str]) -> dict[str, dict]:
+    """The edgekv configurations timed: dense, 4-bit tiers, and 4-bit tiers at each sparse budget."""
+    configs = dict(ENGINES)
+    for budget in budgets:
+        if budget != "all":
+            configs[f"edgekv 4-bit {budget}"] = {"kv_bits": 4, "budget": budget}
+    return configs
+
+
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
-                    threads: int | None) -> list[dict]:
-    """Time transformers and each edgekv configuration at every context; print ratios."""
+                    threads: int | None, budgets: list[int | str] = ()) -> list[dict]:
+    """Time transformers and each edgekv configuration at every context; print ratios
+    to transformers, and of each sparse budget to edgekv dense."""
     from transformers import AutoModelForCausalLM
 
     from .engine import load
 
     if threads:
         torch.set_num_threads(threads)
-    engines = {name: load(model, progress=False, **policy) for name, policy in ENGINES.items()}
+    engines = {name: load(model, progress=False, **policy) for name, policy in engine_configs(budgets).items()}
     first = next(iter(engines.values()))
     if max(contexts) + decode_tokens > first.max_context:
         raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
@@ -102,31 +115,36 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
             engine.reset()  # free this context's KV before the next engine runs
             for key in ("prefill_tok_s", "decode_tok_s"):
                 row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
+            row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
     for engine in engines.values():
         engine.close()
-    print(format_table(rows))
-    write_plot(rows, plot)
+    print(format_table(rows, list(engines)))
+    write_plot(rows, plot, list(engines))
     print(f"plot written to {plot}", file=sys.stderr)
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    """One line per context and engine: tok/s and the ratio to transformers."""
-    head = f"{'context':>8}  {'engine':<20} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} {'x transf.':>10}"
+def format_table(rows: list[dict], names: list[str]) -> str:
+    """One line per context and engine: tok/s, the ratio to transformers, decode vs edgekv dense,
+    and where a decode step's KV time goes (ms per token: select, fetch, attend)."""
+    head = (f"{'context':>8}  {'engine':<22} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} "
+            f"{'x transf.':>10} {'x dense':>8}  kv ms/token")
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["transformers"]
-        lines.append(f"{r['context']:>8}  {'transformers':<20} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
-        for name in ENGINES:
+        lines.append(f"{r['context']:>8}  {'transformers':<22} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
+        for name in names:
             e = r[name]
-            lines.append(f"{'':>8}  {name:<20} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
-                         f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x")
+            split = e.get("decode_ms_per_token")
+            where = "  " + " ".join(f"{k} {v:.1f}" for k, v in split.items()) if split else ""
+            lines.append(f"{'':>8}  {name:<22} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
+                         f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x {e['decode_vs_dense']:>7.2f}x{where}")
     return "\n".join(lines)
 
 
-def write_plot(rows: list[dict], path: Path) -> None:
+def write_plot(rows: list[dict], path: Path, names: list[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,7 +155,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     ctx = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for name in ("transformers", *ENGINES):
+        for name in ("transformers", *names):
             ax.plot(ctx, [r[name][key] for r in rows], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

@@ -85,6 +85,11 @@ RamOpt = typer.Option(None, "--ram", help="Host RAM budget for KV blocks, e.g. 4
 DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (default: the edgekv cache folder).")
 DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
 KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, torch on CPU), triton, or torch.")
+BudgetOpt = typer.Option(None, "--budget", help="Tokens each decode step attends: 2048, 10% or all (default).")
+ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: keys4 (default), minmax or mean.")
+SinkOpt = typer.Option(None, "--sink-blocks", help="First blocks every step attends (default 1).")
+DenseLayersOpt = typer.Option(None, "--dense-layers", help="First layers that attend every block (default 0).")
+SpeculateOpt = typer.Option(None, "--speculate/--no-speculate", help="Prefetch a layer's blocks one layer early (default: on with CUDA).")
 
 
 # The options generate and chat share: CLI parameter name -> policy key.
@@ -92,7 +97,8 @@ POLICY_OPTIONS = {
     "device": "device", "dtype": "dtype", "block_size": "block_size", "prefill_chunk": "prefill_chunk",
     "threads": "threads", "kv_bits": "kv_bits", "offload": "offload", "recent_window": "recent_window",
     "device_cache": "device_cache_bytes", "ram": "ram_bytes", "disk_dir": "disk_dir",
-    "disk_bytes": "disk_bytes", "kernels": "kernels",
+    "disk_bytes": "disk_bytes", "kernels": "kernels", "budget": "budget", "scorer": "scorer",
+    "sink_blocks": "sink_blocks", "dense_layers": "dense_layers", "speculate": "speculate",
 }
 
 
@@ -126,6 +132,11 @@ def generate(
     disk_dir: Optional[str] = DiskDirOpt,
     disk_bytes: Optional[str] = DiskBytesOpt,
     kernels: Optional[str] = KernelsOpt,
+    budget: Optional[str] = BudgetOpt,
+    scorer: Optional[str] = ScorerOpt,
+    sink_blocks: Optional[int] = SinkOpt,
+    dense_layers: Optional[int] = DenseLayersOpt,
+    speculate: Optional[bool] = SpeculateOpt,
     doc_cache: bool = typer.Option(True, "--doc-cache/--no-doc-cache", help="Reuse (and keep) the document's processed KV across runs."),
     doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
 ) -> None:
@@ -222,13 +233,16 @@ def bench_speed(
     plot: Path = typer.Option(Path("bench-speed.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
     threads: Optional[int] = ThreadsOpt,
+    budgets: str = typer.Option("", "--budgets", help="Sparse budgets to time too (e.g. 10%,2048), vs edgekv dense."),
 ) -> None:
     """Prefill and decode tok/s of edgekv vs transformers' generate, side by side."""
     from .bench_speed import parse_contexts, run_speed_bench
+    from .config import parse_budget
 
     with user_errors():
+        budget_list = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
         rows = run_speed_bench(model, parse_contexts(contexts), decode_tokens=decode_tokens,
-                               plot=plot, threads=threads)
+                               plot=plot, threads=threads, budgets=budget_list)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 
@@ -242,19 +256,26 @@ def bench_quality(
     score_tokens: int = typer.Option(512, "--score-tokens", help="Last tokens scored as decode steps."),
     agreement_doc: int = typer.Option(1024, "--agreement-doc", help="Tokens of the document summarised."),
     agreement_tokens: int = typer.Option(64, "--agreement-tokens", help="Greedy tokens compared."),
-    passkey_context: int = typer.Option(4096, "--passkey-context", help="Tokens of each passkey haystack."),
-    passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials (depths cycle 5%..95%)."),
+    passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
+    passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
+    scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
+    dense_layers: Optional[int] = DenseLayersOpt,
+    sink_blocks: Optional[int] = SinkOpt,
+    speculate: Optional[bool] = SpeculateOpt,
     model: Optional[str] = ModelOpt,
     plot: Path = typer.Option(Path("bench-quality.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
 ) -> None:
     """Perplexity, greedy agreement and passkey retrieval of each KV configuration vs dense."""
     from .bench_quality import parse_configs, run_quality_bench
+    from .bench_speed import parse_contexts
 
     with user_errors():
-        rows = run_quality_bench(model, parse_configs(kv_bits, budgets), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        configs = parse_configs(kv_bits, budgets, scorers, dense_layers=dense_layers, sink_blocks=sink_blocks,
+                                speculate=speculate)
+        rows = run_quality_bench(model, configs, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                                  ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
-                                 agreement_tokens=agreement_tokens, passkey_context=passkey_context,
+                                 agreement_tokens=agreement_tokens, passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
                                  passkey_trials=passkey_trials, plot=plot)
         if stats_json:
             write_json(stats_json, {"rows": rows})
@@ -321,6 +342,11 @@ def chat(
     disk_dir: Optional[str] = DiskDirOpt,
     disk_bytes: Optional[str] = DiskBytesOpt,
     kernels: Optional[str] = KernelsOpt,
+    budget: Optional[str] = BudgetOpt,
+    scorer: Optional[str] = ScorerOpt,
+    sink_blocks: Optional[int] = SinkOpt,
+    dense_layers: Optional[int] = DenseLayersOpt,
+    speculate: Optional[bool] = SpeculateOpt,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
     policy = policy_from_options(locals())

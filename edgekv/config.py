@@ -16,6 +16,7 @@ KV_BITS = (2, 4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KERNELS = ("auto", "triton", "torch")
+SCORER_NAMES = ("keys4", "minmax", "mean")  # the registry of edgekv.selection
 
 
 def parse_budget(value: int | str) -> int | str:
@@ -60,7 +61,17 @@ class Policy:
     device_cache_bytes / ram_bytes / disk_bytes: byte budgets of the tiers (ints, or
         strings such as "512MiB"); disk_dir: where the disk tier's file goes (None = the
         edgekv cache directory); disk_bytes 0 = no disk tier.
-    budget: sparse-attention budget per decode step ("all" = dense).
+    budget: sparse-attention budget per decode step: tokens attended (sink blocks +
+        top-k blocks + the exact recent tail) as a count (2048), a share of the context
+        ("10%"), or "all" (every block: dense attention over the compressed KV).
+    scorer: how blocks are ranked for selection ("keys4", "minmax", "mean"; see
+        `edgekv.selection`).
+    sink_blocks: first blocks every step keeps (attention sinks; at least 1: block 0
+        is always attended, from an exact copy).
+    dense_layers: first layers that always attend every block.
+    speculate: request layer l+1's blocks from an approximate query made at layer l
+        (True, False, or "auto": on with CUDA, where the prefetch overlaps PCIe
+        transfers; off on the CPU, where it would only add a second scoring pass).
     kernels: attention/compression kernels of the offloaded cache: "triton", "torch"
         (the reference twins) or "auto" (Triton on CUDA, torch on the CPU).
     threads: CPU threads for torch (0 = torch's default).
@@ -78,6 +89,10 @@ class Policy:
     disk_dir: str | None = None
     disk_bytes: int | str = "64GiB"
     budget: int | str = "all"
+    scorer: str = "keys4"
+    sink_blocks: int = 1
+    dense_layers: int = 0
+    speculate: bool | str = "auto"
     kernels: str = "auto"
     threads: int = 0
 
@@ -101,6 +116,12 @@ class Policy:
         if self.disk_dir is not None:
             object.__setattr__(self, "disk_dir", str(self.disk_dir))
         object.__setattr__(self, "budget", parse_budget(self.budget))
+        if self.scorer not in SCORER_NAMES:
+            raise EdgekvError(f"invalid scorer {self.scorer!r}: use one of {', '.join(SCORER_NAMES)}")
+        _require_int("sink_blocks", self.sink_blocks, minimum=1)
+        _require_int("dense_layers", self.dense_layers, minimum=0)
+        if not isinstance(self.speculate, bool) and self.speculate != "auto":
+            raise EdgekvError(f"invalid speculate {self.speculate!r}: must be true, false or 'auto'")
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "Policy":

@@ -51,7 +51,7 @@ import torch
 
 from edgekv.errors import DiskFullError, EdgekvError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: keys stored before RoPE
 MAGIC = b"EDGEKVDC"
 ALIGN = 64  # bytes; every tensor's data starts at a multiple of this file offset
 SUFFIX = ".edkv"

@@ -118,22 +118,32 @@ class Engine:
 
     def _new_cache(self) -> PagedKVCache | TieredKVCache:
         s, p = self.shape, self.policy
-        if p.budget != "all":
-            raise EdgekvError(f"budget {p.budget!r} needs sparse block selection, which this edgekv version does "
-                              f"not have yet: use budget 'all'")
         if not p.offload:
+            if p.budget != "all":
+                raise EdgekvError(f"budget {p.budget!r} selects blocks of the offloaded KV cache, and offload is "
+                                  f"off: drop --no-offload, or use budget 'all'")
             return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 block_size=p.block_size, dtype=self.dtype, device=self.device)
         disk_dir = (p.disk_dir or str(cache_root() / "kv")) if p.disk_bytes else None
-        return TieredKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
+        cache = TieredKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                              max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
                              recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
                              ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
-                             dtype=self.dtype, device=self.device, kernels=p.kernels)
+                             dtype=self.dtype, device=self.device, rope_inv_freq=self.model.inv_freq,
+                             scorer=p.scorer, kernels=p.kernels)
+        self._configure_selection(cache)
+        return cache
+
+    def _configure_selection(self, cache) -> None:
+        p = self.policy
+        if isinstance(cache, TieredKVCache):
+            speculate = p.speculate if isinstance(p.speculate, bool) else self.device.type == "cuda"
+            cache.configure_selection(budget=p.budget, sink_blocks=p.sink_blocks, dense_layers=p.dense_layers,
+                                      speculate=speculate)
 
     # ---- policy and state -------------------------------------------------------------
     KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",
-                      "ram_bytes", "disk_dir", "disk_bytes", "kernels")
+                      "ram_bytes", "disk_dir", "disk_bytes", "kernels", "scorer")
 
     def update_policy(self, **changes: object) -> None:
         """Change policy keys (validated); a change to the KV layout drops the kept KV."""
@@ -148,6 +158,12 @@ class Engine:
             except EdgekvError:
                 self.policy = old
                 raise
+        elif not new.offload and new.budget != "all":
+            self.policy = old
+            raise EdgekvError(f"budget {new.budget!r} selects blocks of the offloaded KV cache, and offload is "
+                              f"off: use budget 'all'")
+        else:
+            self._configure_selection(self.kv)
 
     def reset(self) -> None:
         """Forget the kept KV cache (a new, empty one replaces it)."""
@@ -236,6 +252,9 @@ class Engine:
         if len(ids) > self.max_context:
             raise ContextOverflowError(len(ids), self.max_context, len(ids))
         logits, _ = self.prefill(ids[:prefill])
+        reset_counters = getattr(self.kv, "reset_counters", None)
+        if reset_counters is not None:
+            reset_counters()  # selection figures cover the scored decode steps
         nll = []
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
@@ -277,9 +296,9 @@ class Engine:
         stream, stops = TextStream(self.tokenizer), [s for s in (stop or []) if s]
         generated: list[int] = []
         finish, ttft, cut = "length", None, None
-        store = getattr(self.kv, "store", None)
-        if store is not None:
-            store.reset_counters()  # traffic figures cover the decode steps only
+        reset_counters = getattr(self.kv, "reset_counters", None)
+        if reset_counters is not None:
+            reset_counters()  # traffic and selection figures cover the decode steps only
         t_decode0 = time.perf_counter()
         while len(generated) < max_new_tokens:
             if generated:
@@ -319,6 +338,7 @@ class Engine:
             # rows decode needed that were already on the device (cached or prefetched a layer ahead)
             "device_hit_rate": round(t["device_hits"] / max(t["device_hits"] + t["device_misses"], 1), 4),
             "prefetched_rows": t["prefetched_rows"],
+            **self.kv.counters.as_stats(decode_steps),
         }
 
     def _stats(self, ids, reused, generated, t_prefill, t_decode, ttft, finish) -> dict:

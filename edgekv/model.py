@@ -71,6 +71,11 @@ class KVCache(Protocol):
     def commit(self, num_tokens: int) -> None:
         """All layers have stored `num_tokens` new tokens: advance the length."""
 
+    # Optional (layer-ahead speculation): a cache whose `speculating` attribute is True
+    # gets `speculate(layer, q)` during a decode step, with an approximate query
+    # q [num_heads, head_dim] of `layer` made from the previous layer's input, before
+    # the previous layer attends.
+
 
 def rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] float32 and the cos/sin scale, as transformers computes them."""
@@ -167,8 +172,14 @@ class Decoder(torch.nn.Module):
         T = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions)
+        speculating = T == 1 and getattr(kv, "speculating", False)
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["ln1"])
+            if speculating and i + 1 < len(self.layers):
+                # layer i+1's query from layer i's input (InfiniGen): its blocks load while layer i runs
+                nxt = self.layers[i + 1]
+                q_next = F.linear(h, nxt["q"], nxt["q_bias"]).view(s.num_heads, s.head_dim)
+                kv.speculate(i + 1, q_next * cos[0] + _rotate_half(q_next) * sin[0])
             q = F.linear(h, w["q"], w["q_bias"]).view(T, s.num_heads, s.head_dim).transpose(0, 1)
             k = F.linear(h, w["k"], w["k_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
             v = F.linear(h, w["v"], w["v_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)

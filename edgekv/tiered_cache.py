@@ -6,25 +6,38 @@ Per layer, the sequence is laid out as
       compressed rows in the TierStore      between recent_window and
       (one row per KV head per block)       recent_window + block_size - 1 tokens
 
+Block 0 also stays exact on the device (the attention sink: the first tokens draw a
+large share of every query's attention, so their quantization error weighs most); its
+row is kept for the persistent state but attention reads the exact copy.
+
 A token stays exact until it is `recent_window` tokens old and its whole block is; then
-the block is compressed (`compress_blocks`: packed rows in the `BlockCodec` layout) and
+its keys are rotated back to position 0 (stored keys are *pre-RoPE*, see
+`kernels/rope.py`: per-channel 4-bit grids fit un-rotated keys much better) and the block
+is compressed (`compress_blocks`: packed rows in the `BlockCodec` layout) and
 put in the store (device cache → RAM → disk). A decode step fetches a layer's rows in one
 batched `get` and runs `sparse_decode_attention` over the packed rows (dequantized in
-registers by the Triton kernel, by the torch twin on the CPU) and the exact tail. A
-prefill chunk decodes the rows into a reusable scratch buffer next to the tail and
-attends densely. Budget "all" selects every block. Row ids:
+registers by the Triton kernel, by the torch twin on the CPU, and rotated to their
+positions there) and the exact tail. With a budget below "all", a decode step fetches and
+attends only the blocks `edgekv.selection` picks from per-block summaries (made here
+when a block is compressed); `speculate` lets the layer loop request a layer's blocks
+one layer early. A prefill chunk decodes and rotates the rows into a
+reusable scratch buffer next to the tail and attends densely. Budget "all" selects every block. Row ids:
 
     row(layer, kv_head, block) = (layer * num_kv_heads + kv_head) * max_blocks + block
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .attention import dense_attention
 from .errors import BudgetError
 from .kernels import compress_blocks, sparse_decode_attention
+from .kernels.rope import rotate_keys
 from .quant import BlockCodec
+from .selection import SCORERS, BlockSummaries, SelectionCounters, budget_blocks, select_blocks
 from .sizes import format_size
 from .tiers import TierStore, check_budgets
 
@@ -35,10 +48,12 @@ class TieredKVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int,
                  block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
                  ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
-                 device: torch.device, kernels: str = "auto"):
+                 device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "keys4",
+                 kernels: str = "auto"):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.recent_window = block_size, recent_window
         self.dtype, self.device, self.kernels = dtype, device, kernels
+        self.rope_inv_freq = rope_inv_freq.to(device=device, dtype=torch.float32)  # [head_dim // 2]
         self.codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
         self.max_blocks = -(-max_context // block_size)
         layer_rows = num_kv_heads * self.max_blocks
@@ -56,17 +71,61 @@ class TieredKVCache:
         empty = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype, device=device)
         self.tail_k = [empty] * num_layers
         self.tail_v = [empty] * num_layers
+        self.sink_k = [empty] * num_layers  # block 0, exact (once it is compressed)
+        self.sink_v = [empty] * num_layers
         self.num_blocks = 0  # compressed blocks per layer (and KV head)
         self.length = 0
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # [Hkv, capacity, D] each
+        self.summaries = BlockSummaries(SCORERS[scorer], self.codec, num_layers=num_layers,
+                                        num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
+                                        backend=kernels)
+        self.counters = SelectionCounters()
+        self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False)
+
+    def configure_selection(self, *, budget: int | str, sink_blocks: int, dense_layers: int,
+                            speculate: bool) -> None:
+        """Set the decode-time selection (see `edgekv.selection`); takes effect at the next step."""
+        self.budget, self.sink_blocks, self.dense_layers = budget, sink_blocks, dense_layers
+        self.speculating = speculate and budget != "all"  # read by the layer loop
+        self.counters.pending.clear()
+
+    def reset_counters(self) -> None:
+        self.store.reset_counters()
+        self.counters.reset()
 
     # ---- row ids ----------------------------------------------------------------------
     def row_ids(self, layer: int, blocks: torch.Tensor | None = None) -> torch.Tensor:
-        """int64 [num_kv_heads * n] ids of `blocks` (default: all compressed) of every KV head, head-major."""
+        """int64 [num_kv_heads * n] ids, head-major, of `blocks`: [n] the same blocks of
+        every KV head (default: all compressed), or [num_kv_heads, n] per KV head."""
         if blocks is None:
             blocks = torch.arange(self.num_blocks)
+        blocks = blocks.cpu()
         heads = torch.arange(self.num_kv_heads)[:, None]
-        return ((layer * self.num_kv_heads + heads) * self.max_blocks + blocks[None, :]).reshape(-1)
+        return ((layer * self.num_kv_heads + heads) * self.max_blocks + blocks.expand(self.num_kv_heads, -1)).reshape(-1)
+
+    # ---- selection --------------------------------------------------------------------
+    def _selection(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:
+        """Block ids [Hkv, k] a decode query q [Hq, D] of `layer` attends (None: every block)."""
+        nb = self.num_blocks
+        if self.budget == "all" or layer < self.dense_layers or nb == 0:
+            return None
+        tail = self.tail_k[layer].shape[1]
+        k = budget_blocks(self.budget, context=nb * self.block_size + tail, tail=tail,
+                          block_size=self.block_size, num_blocks=nb, sink_blocks=self.sink_blocks)
+        if k >= nb:
+            return None
+        return select_blocks(self.summaries.scores(layer, q, nb), k, max(1, self.sink_blocks))
+
+    def speculate(self, layer: int, q: torch.Tensor) -> None:
+        """Request the blocks an approximate query q [Hq, D] of `layer` selects (layer-ahead prefetch)."""
+        if layer >= self.num_layers:
+            return
+        t0 = time.perf_counter()
+        blocks = self._selection(layer, q)
+        if blocks is not None:
+            self.counters.pending[layer] = blocks
+            self.store.prefetch(self.row_ids(layer, blocks[:, 1:]))  # block 0 is the exact sink
+        self.counters.seconds["speculate"] += time.perf_counter() - t0
 
     # ---- attention --------------------------------------------------------------------
     def _scratch_for(self, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +147,10 @@ class TieredKVCache:
                 out = (k_buf[h, :compressed].view(self.num_blocks, self.block_size, self.head_dim),
                        v_buf[h, :compressed].view(self.num_blocks, self.block_size, self.head_dim))
                 self.codec.decode(rows[h], dtype=self.dtype, out=out)
+            positions = torch.arange(compressed, device=self.device)
+            k_buf[:, :compressed] = rotate_keys(k_buf[:, :compressed], positions, self.rope_inv_freq)
+            k_buf[:, :self.block_size] = self.sink_k[layer]
+            v_buf[:, :self.block_size] = self.sink_v[layer]
         k_buf[:, compressed:compressed + tail] = self.tail_k[layer]
         v_buf[:, compressed:compressed + tail] = self.tail_v[layer]
         return k_buf[:, :compressed + tail], v_buf[:, :compressed + tail]
@@ -97,11 +160,29 @@ class TieredKVCache:
         self.tail_v[layer] = torch.cat((self.tail_v[layer], v), dim=1)
         one_query = q.shape[1] == 1  # a decode step: the fused kernel over packed rows
         if one_query:
-            if self.prefetch_ahead and self.num_blocks:
-                self.store.prefetch(self.row_ids((layer + 1) % self.num_layers))
-            rows = self.store.get(self.row_ids(layer)).view(self.num_kv_heads, self.num_blocks, self.codec.row_bytes)
-            out = sparse_decode_attention(q[:, 0], rows, self.codec, self.tail_k[layer], self.tail_v[layer],
+            t0 = time.perf_counter()
+            block_ids = self._selection(layer, q[:, 0])
+            if block_ids is None:  # every block
+                if self.prefetch_ahead and self.num_blocks and not self.speculating:
+                    self.store.prefetch(self.row_ids((layer + 1) % self.num_layers, torch.arange(1, self.num_blocks)))
+                block_ids = torch.arange(self.num_blocks, device=self.device).expand(self.num_kv_heads, -1)
+            else:
+                self.counters.record(layer, block_ids, self.codec.row_bytes)
+                self.counters.selected_blocks += block_ids.numel()
+                self.counters.candidate_blocks += self.num_kv_heads * self.num_blocks
+            block_ids = block_ids[:, 1:]  # block 0 (always chosen, first) is the exact sink
+            t1 = time.perf_counter()
+            rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
+            t2 = time.perf_counter()
+            exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
+            exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
+            out = sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
+                                          block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
                                           backend=self.kernels)
+            seconds = self.counters.seconds
+            seconds["select"] += t1 - t0
+            seconds["fetch"] += t2 - t1
+            seconds["attend"] += time.perf_counter() - t2
             return out[:, None]  # [Hq, 1, D]
         keys, values = self.layer_keys_values(layer)
         return dense_attention(q, keys, values, q_start=self.length)
@@ -115,8 +196,14 @@ class TieredKVCache:
             return
         n, B = new_blocks, self.block_size
         blocks = torch.arange(self.num_blocks, self.num_blocks + n)
+        positions = torch.arange(self.num_blocks * B, (self.num_blocks + n) * B, device=self.device)
         for layer in range(self.num_layers):
-            packed = compress_blocks(self.tail_k[layer][:, : n * B], self.tail_v[layer][:, : n * B],
+            if self.num_blocks == 0:
+                self.sink_k[layer] = self.tail_k[layer][:, :B].clone()
+                self.sink_v[layer] = self.tail_v[layer][:, :B].clone()
+            self.summaries.write(layer, self.num_blocks, self.tail_k[layer][:, : n * B])
+            keys = rotate_keys(self.tail_k[layer][:, : n * B], positions, self.rope_inv_freq, inverse=True)
+            packed = compress_blocks(keys, self.tail_v[layer][:, : n * B],
                                      self.codec, backend=self.kernels)  # rows [Hkv, n, row_bytes]
             self.store.put(self.row_ids(layer, blocks), packed.rows.reshape(-1, self.codec.row_bytes))
             self.tail_k[layer] = self.tail_k[layer][:, n * B:].clone()
@@ -141,6 +228,9 @@ class TieredKVCache:
             for layer in range(self.num_layers):
                 self.store.free(self.row_ids(layer, dropped))
             self.num_blocks = keep_blocks
+            if keep_blocks == 0:
+                self.sink_k = [t[:, :0] for t in self.sink_k]
+                self.sink_v = [t[:, :0] for t in self.sink_v]
             self.tail_k = [t[:, :0] for t in self.tail_k]
             self.tail_v = [t[:, :0] for t in self.tail_v]
             num_tokens = keep_blocks * self.block_size
@@ -149,12 +239,13 @@ class TieredKVCache:
 
     # ---- accounting and persistence -----------------------------------------------------
     def tail_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.tail_k, *self.tail_v))
+        """Bytes of the exact tokens on the device: the recent tails and the sink blocks."""
+        return sum(t.numel() * t.element_size() for t in (*self.tail_k, *self.tail_v, *self.sink_k, *self.sink_v))
 
     def resident_bytes(self) -> dict[str, int]:
         """Bytes per tier now: the exact tail counts as device memory."""
         tiers = self.store.resident_bytes()
-        tiers["device"] += self.tail_bytes()
+        tiers["device"] += self.tail_bytes() + self.summaries.bytes_used(self.num_blocks)
         return tiers
 
     def export_state(self) -> dict[str, torch.Tensor]:
@@ -165,6 +256,8 @@ class TieredKVCache:
             "rows": rows,
             "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]
             "tail_v": torch.stack(self.tail_v).cpu(),
+            "sink_k": torch.stack(self.sink_k).cpu(),  # [layers, Hkv, 0 or block_size, D]
+            "sink_v": torch.stack(self.sink_v).cpu(),
             "length": torch.tensor([self.length, self.num_blocks], dtype=torch.int64),
         }
 
@@ -178,7 +271,13 @@ class TieredKVCache:
             self.store.put(ids, state["rows"])
         self.tail_k = [t.to(self.device, self.dtype) for t in state["tail_k"]]
         self.tail_v = [t.to(self.device, self.dtype) for t in state["tail_v"]]
+        self.sink_k = [t.to(self.device, self.dtype) for t in state["sink_k"]]
+        self.sink_v = [t.to(self.device, self.dtype) for t in state["sink_v"]]
         self.length = length
+        if num_blocks:  # summaries come from the stored keys, decoded and rotated
+            for layer in range(self.num_layers):
+                keys, _ = self.layer_keys_values(layer)
+                self.summaries.write(layer, 0, keys[:, : num_blocks * self.block_size])
 
     def close(self) -> None:
         self.store.close()

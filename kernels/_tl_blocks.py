@@ -9,7 +9,9 @@ Codes of one token are unpacked as a ``[BLOCK_DJ, CPB]`` grid of (byte, slot) pa
 reshaped row-major to ``BLOCK_DJ * CPB`` channels: channel ``c = byte * CPB + slot``,
 which is exactly the codec's order (code ``i`` lives in byte ``i // CPB`` at bit
 ``BITS * (i % CPB)``) because each token's codes start on a byte boundary
-(``head_dim % CPB == 0``).
+(``head_dim % CPB == 0``). A range of key channels starting at a multiple of ``CPB``
+(`load_k_channels`, e.g. one half of the head for RoPE) is the same grid started
+``C0 // CPB`` bytes into each token's codes.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import triton.language as tl
 
 @triton.jit
 def unpack_codes(seg_ptr, t, t_mask, BITS: tl.constexpr, CPB: tl.constexpr, DJ: tl.constexpr,
-                 BLOCK_T: tl.constexpr, BLOCK_DJ: tl.constexpr):
-    """Codes of tokens ``t: [BLOCK_T]`` of one packed segment (uint8 pointer at its start),
-    as fp32 ``[BLOCK_T, BLOCK_DJ * CPB]``; masked tokens and padding channels read 0."""
+                 NJ: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DJ: tl.constexpr):
+    """Codes of tokens ``t: [BLOCK_T]`` of one packed segment, as fp32
+    ``[BLOCK_T, BLOCK_DJ * CPB]``: ``NJ`` bytes per token starting at ``seg_ptr`` (uint8;
+    the segment's start, or a byte inside each token's codes for a channel range), tokens
+    ``DJ`` bytes apart; masked tokens and padding channels read 0."""
     j = tl.arange(0, BLOCK_DJ)
-    m = t_mask[:, None] & (j < DJ)[None, :]
+    m = t_mask[:, None] & (j < NJ)[None, :]
     b = tl.load(seg_ptr + t[:, None] * DJ + j[None, :], mask=m, other=0).to(tl.int32)
     if CPB == 1:
         codes = b
@@ -42,15 +46,29 @@ def load_k_tile(row_ptr, t, t_mask, c, c_mask,
                 BLOCK_DJ: tl.constexpr):
     """Keys of tokens ``t`` of one row, dequantized: fp32 ``[BLOCK_T, BLOCK_D]``
     (``k = code * k_scale[c] + k_zero[c]``; raw fp16 at 16 bits); masked entries are 0."""
+    return load_k_channels(row_ptr, t, t_mask, c, c_mask, 0, HEAD_DIM, BITS, CPB, HEAD_DIM, K_OFF,
+                           KS_OFF, KZ_OFF, BLOCK_T, BLOCK_DJ)
+
+
+@triton.jit
+def load_k_channels(row_ptr, t, t_mask, c, c_mask, C0: tl.constexpr, NC: tl.constexpr,
+                    BITS: tl.constexpr, CPB: tl.constexpr, HEAD_DIM: tl.constexpr, K_OFF: tl.constexpr,
+                    KS_OFF: tl.constexpr, KZ_OFF: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_DJ: tl.constexpr):
+    """Key channels ``C0 .. C0 + NC - 1`` of tokens ``t`` of one row, dequantized: fp32
+    ``[BLOCK_T, BLOCK_DJ * CPB]`` whose column ``c`` is channel ``C0 + c`` (``c_mask``:
+    ``c < NC``); masked entries are 0. ``C0`` and ``NC`` must be multiples of ``CPB``
+    (whole code bytes)."""
     row16 = row_ptr.to(tl.pointer_type(tl.float16))
     if BITS == 16:
         m = t_mask[:, None] & c_mask[None, :]
-        k = tl.load(row16 + K_OFF // 2 + t[:, None] * HEAD_DIM + c[None, :], mask=m, other=0.0)
+        k = tl.load(row16 + K_OFF // 2 + C0 + t[:, None] * HEAD_DIM + c[None, :], mask=m, other=0.0)
         k = k.to(tl.float32)
     else:
-        codes = unpack_codes(row_ptr + K_OFF, t, t_mask, BITS, CPB, HEAD_DIM // CPB, BLOCK_T, BLOCK_DJ)
-        ks = tl.load(row16 + KS_OFF + c, mask=c_mask, other=0.0).to(tl.float32)
-        kz = tl.load(row16 + KZ_OFF + c, mask=c_mask, other=0.0).to(tl.float32)
+        codes = unpack_codes(row_ptr + K_OFF + C0 // CPB, t, t_mask, BITS, CPB, HEAD_DIM // CPB, NC // CPB,
+                             BLOCK_T, BLOCK_DJ)
+        ks = tl.load(row16 + KS_OFF + C0 + c, mask=c_mask, other=0.0).to(tl.float32)
+        kz = tl.load(row16 + KZ_OFF + C0 + c, mask=c_mask, other=0.0).to(tl.float32)
         k = codes * ks[None, :] + kz[None, :]
     return k
 
@@ -68,7 +86,8 @@ def load_v_tile(row_ptr, t, t_mask, c, c_mask,
         v = tl.load(row16 + V_OFF // 2 + t[:, None] * HEAD_DIM + c[None, :], mask=m, other=0.0)
         v = v.to(tl.float32)
     else:
-        codes = unpack_codes(row_ptr + V_OFF, t, t_mask, BITS, CPB, HEAD_DIM // CPB, BLOCK_T, BLOCK_DJ)
+        codes = unpack_codes(row_ptr + V_OFF, t, t_mask, BITS, CPB, HEAD_DIM // CPB, HEAD_DIM // CPB,
+                             BLOCK_T, BLOCK_DJ)
         g = t[:, None] * NUM_VGROUPS + (c // VGROUP)[None, :]
         vs = tl.load(row16 + VS_OFF + g, mask=m, other=0.0).to(tl.float32)
         vz = tl.load(row16 + VZ_OFF + g, mask=m, other=0.0).to(tl.float32)

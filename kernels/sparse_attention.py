@@ -18,6 +18,12 @@ Two implementations with one signature:
 - `sparse_decode_attention_triton` (`sparse_attention_triton.py`): flash-decoding,
   dequantizing in registers; see the picture there.
 
+Keys before rotary embedding (`rope.py`): with ``rope_inv_freq`` given, the rows hold
+un-rotated keys and ``block_ids[h, j]`` names the block that selected row ``j`` of KV
+head ``h`` is, so its token ``t`` sits at position ``block_ids[h, j] * block_size + t``;
+each dequantized key is rotated to that position before the dot product (the tail's
+keys are already rotated).
+
 ``num_valid`` lets a caller keep a fixed-size selection buffer: blocks at index
 ``>= num_valid[h]`` of KV head ``h`` are ignored (their bytes are never read by the
 kernel). It is ``None`` (all valid), an int, or an int tensor ``[num_kv_heads]`` on the
@@ -32,12 +38,14 @@ from edgekv.quant import BlockCodec
 
 from ._backend import dispatch
 from .block_score import query_group
+from .rope import block_token_positions, rotate_keys
 
 
 def sparse_decode_attention(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
                             tail_k: torch.Tensor, tail_v: torch.Tensor, *,
                             num_valid: int | torch.Tensor | None = None, sm_scale: float | None = None,
-                            split_blocks: int | None = None, backend: str = "auto") -> torch.Tensor:
+                            split_blocks: int | None = None, block_ids: torch.Tensor | None = None,
+                            rope_inv_freq: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of one decode token over selected packed blocks + the exact tail.
 
     q: [num_heads, head_dim] fp32/fp16/bf16.
@@ -48,17 +56,29 @@ def sparse_decode_attention(q: torch.Tensor, rows: torch.Tensor, codec: BlockCod
     sm_scale: softmax scale (default 1/sqrt(head_dim)).
     split_blocks: blocks per split of the Triton kernel (default: enough splits to fill
         the GPU); the twin ignores it.
+    block_ids: int tensor [num_kv_heads, k_selected] on the rows' device, with
+        rope_inv_freq: fp32 [head_dim // 2]: the rows hold keys before RoPE (see above);
+        both None: the rows hold rotated keys.
     Returns [num_heads, head_dim] in q's dtype (zeros for a head with no tokens).
     """
     fn = dispatch(backend, sparse_decode_attention_torch, "sparse_attention_triton",
                   "sparse_decode_attention_triton", (q, rows, tail_k, tail_v))
     return fn(q, rows, codec, tail_k, tail_v, num_valid=num_valid, sm_scale=sm_scale,
-              split_blocks=split_blocks)
+              split_blocks=split_blocks, block_ids=block_ids, rope_inv_freq=rope_inv_freq)
 
 
 def check_attention_args(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
-                         tail_k: torch.Tensor, tail_v: torch.Tensor) -> int:
+                         tail_k: torch.Tensor, tail_v: torch.Tensor, block_ids: torch.Tensor | None = None,
+                         rope_inv_freq: torch.Tensor | None = None) -> int:
     """Validate shapes; return the query group size (query heads per KV head)."""
+    if (block_ids is None) != (rope_inv_freq is None):
+        raise ValueError("block_ids and rope_inv_freq go together: give both (keys before RoPE) or neither")
+    if block_ids is not None:
+        if block_ids.shape != rows.shape[:2] or block_ids.is_floating_point():
+            raise ValueError(f"block_ids must be an int tensor [{rows.shape[0]}, {rows.shape[1]}] "
+                             f"(got {tuple(block_ids.shape)} {block_ids.dtype})")
+        if rope_inv_freq.shape != (codec.head_dim // 2,) or codec.head_dim % 2:
+            raise ValueError(f"rope_inv_freq must be [{codec.head_dim // 2}] (got {tuple(rope_inv_freq.shape)})")
     if rows.dtype != torch.uint8 or rows.dim() != 3 or rows.shape[2] != codec.row_bytes:
         raise ValueError(f"rows must be uint8 [num_kv_heads, k_selected, {codec.row_bytes}] "
                          f"(got {tuple(rows.shape)} {rows.dtype})")
@@ -87,13 +107,14 @@ def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: Bl
                                   tail_k: torch.Tensor, tail_v: torch.Tensor, *,
                                   num_valid: int | torch.Tensor | None = None,
                                   sm_scale: float | None = None,
-                                  split_blocks: int | None = None) -> torch.Tensor:
+                                  split_blocks: int | None = None, block_ids: torch.Tensor | None = None,
+                                  rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """The twin: `BlockCodec.decode` to fp32, then exact fp32 softmax attention.
 
     The selected tokens and the tail are scored separately and softmaxed together
     (no concatenated copy of K/V). ``split_blocks`` is accepted and ignored.
     """
-    group = check_attention_args(q, rows, codec, tail_k, tail_v)
+    group = check_attention_args(q, rows, codec, tail_k, tail_v, block_ids, rope_inv_freq)
     hkv, ksel = rows.shape[0], rows.shape[1]
     b, d = codec.block_size, codec.head_dim
     scale = d**-0.5 if sm_scale is None else sm_scale
@@ -102,6 +123,8 @@ def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: Bl
     if ksel:
         k, v = codec.decode(rows.reshape(hkv * ksel, -1), torch.float32)
         k, v = k.view(hkv, ksel * b, d), v.view(hkv, ksel * b, d)
+        if block_ids is not None:
+            k = rotate_keys(k, block_token_positions(block_ids, b), rope_inv_freq)
         s = torch.bmm(qg, k.transpose(1, 2))  # [hkv, group, D] @ [hkv, D, ksel*B] -> [hkv, group, ksel*B]
         valid = valid_block_mask(num_valid, hkv, ksel, s.device)
         if valid is not None:

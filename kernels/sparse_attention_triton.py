@@ -12,6 +12,11 @@ R + T)`` programs; the ``group`` query heads of KV head ``h`` are handled togeth
                      tiles of BLOCK_T tail tokens (s >= R):
                      bytes -> codes -> k, v in registers (fp32) -> scores = q k^T (log2 units)
                      -> online softmax: running max m, sum l, acc = sum p v        (fp32)
+                     keys before RoPE (block_ids, rope_inv_freq given; rows only, the tail
+                     is rotated): row j's k as halves k1 = k[:, :H], k2 = k[:, H:] (H =
+                     head_dim / 2), angles a[t, c] = (block_ids[h, j] * B + t) * inv_freq[c],
+                     cos/sin in registers -> scores = q[:, :H] (k1 cos a - k2 sin a)^T
+                                                    + q[:, H:] (k2 cos a + k1 sin a)^T
                          |               |                  |                |          |
                          v               v                  v                v          v
     fp32 scratch:    (o_0, lse_0)    (o_1, lse_1)   ...  (o_R-1, ..)      (o_R, ..)   (..)
@@ -24,6 +29,11 @@ R + T)`` programs; the ``group`` query heads of KV head ``h`` are handled togeth
 No dequantized copy of K or V is ever written to memory; accumulation is fp32. Dot
 operands are fp32 (IEEE) for fp32 queries, fp16/bf16 (tensor cores, fp32 accumulate)
 for half-precision queries (bf16 runs fp32 operands under the interpreter).
+
+RoPE in the kernel needs each half of the head to start on a code byte: ``head_dim`` a
+multiple of 2 * codes-per-byte (8 at 2 bits, 4 at 4 bits, 2 at 8/16 bits; every real
+head dim is); other head dims raise ValueError (use the torch twin). cos/sin take the
+twin's fp32 angle ``position * inv_freq``, reduced to ``[-pi, pi]`` first (`_cos_sin`).
 """
 
 from __future__ import annotations
@@ -37,11 +47,29 @@ import triton.language as tl
 from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, num_sms, tile_layout
-from ._tl_blocks import load_k_tile, load_v_tile, mma
+from ._tl_blocks import load_k_channels, load_k_tile, load_v_tile, mma
 from .sparse_attention import check_attention_args
 
 LOG2E = 1.4426950408889634
 MERGE_SPLITS = 32  # splits read per step of the merge loop
+# 2*pi = _TWO_PI_HI + _TWO_PI_LO (+ ~1e-15): the nearest fp32 and the fp32 remainder
+_INV_TWO_PI = tl.constexpr(0.15915494309189535)
+_TWO_PI_HI = tl.constexpr(6.2831854820251465)
+_TWO_PI_LO = tl.constexpr(-1.7484555314695172e-07)
+
+
+@triton.jit
+def _cos_sin(a):
+    """fp32 ``cos(a), sin(a)`` of fp32 angles ``a >= 0``, reduced to about ``[-pi, pi]``
+    first: ``r = a - n * 2pi`` by two fused multiply-adds (the first is exact: ``a`` and
+    ``n * HI`` are multiples of HI's ulp and ``|r| < 4``), within ~1.2e-7 of ``a mod 2pi``
+    for angles up to ~4e6 (measured). On NVIDIA ``tl.cos``/``tl.sin`` are libdevice's
+    accurate cosf/sinf, which take a slow (Payne-Hanek, local memory) branch above
+    ``|x| ~ 1e5``, i.e. from position ~1e5 on; the reduced angle keeps them on the fast path."""
+    n = tl.floor(a * _INV_TWO_PI + 0.5)
+    r = tl.fma(-n, _TWO_PI_HI, a)
+    r = tl.fma(-n, _TWO_PI_LO, r)
+    return tl.cos(r), tl.sin(r)
 
 
 @triton.jit
@@ -53,6 +81,13 @@ def _attend_tile(q, k, v, t_mask, m, l, acc, DOT_DTYPE: tl.constexpr, IEEE: tl.c
     [BLOCK_T]; m, l: [BLOCK_H] fp32; acc: [BLOCK_H, BLOCK_D] fp32.
     """
     s = mma(q, tl.trans(k), DOT_DTYPE, IEEE)  # [BLOCK_H, BLOCK_T]
+    return _softmax_step(s, v, t_mask, m, l, acc, DOT_DTYPE, IEEE)
+
+
+@triton.jit
+def _softmax_step(s, v, t_mask, m, l, acc, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """The online-softmax update for scores ``s: [BLOCK_H, BLOCK_T]`` (log2 units) of a
+    tile whose values are ``v``; see `_attend_tile`."""
     s = tl.where(t_mask[None, :], s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp2(m - m_new)
@@ -64,12 +99,13 @@ def _attend_tile(q, k, v, t_mask, m, l, acc, DOT_DTYPE: tl.constexpr, IEEE: tl.c
 
 @triton.jit(do_not_specialize=["k_selected", "tail_len", "num_row_splits", "split_blocks",
                                "tail_tiles", "nv_all"])
-def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr,
+def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr, bid_ptr, freq_ptr,
                     k_selected, tail_len, num_row_splits, split_blocks, tail_tiles, nv_all, qk_scale,
                     stride_qh, stride_rh, stride_rb, stride_kh, stride_kt, stride_vh, stride_vt,
-                    stride_oh, stride_os, stride_og, stride_lh, stride_ls,
+                    stride_oh, stride_os, stride_og, stride_lh, stride_ls, stride_bh, stride_bj,
                     GROUP_Q: tl.constexpr, PER_HEAD_NV: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
+                    BLOCK_HALF: tl.constexpr,
                     BITS: tl.constexpr, CPB: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                     VGROUP: tl.constexpr, NUM_VGROUPS: tl.constexpr, CODE_BYTES: tl.constexpr,
                     K_OFF: tl.constexpr, V_OFF: tl.constexpr, KS_OFF: tl.constexpr, KZ_OFF: tl.constexpr,
@@ -85,6 +121,14 @@ def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr,
     q = tl.load(q_ptr + (h * GROUP_Q + g)[:, None] * stride_qh + c[None, :],
                 mask=g_mask[:, None] & c_mask[None, :], other=0.0)
     q = (q.to(tl.float32) * qk_scale).to(DOT_DTYPE)
+    if ROPE:  # the query's halves (pre-rotated keys are dotted half by half) and inv_freq
+        ch = tl.arange(0, BLOCK_HALF)
+        ch_mask = ch < HALF
+        q_half = q_ptr + (h * GROUP_Q + g)[:, None] * stride_qh + ch[None, :]
+        qh_mask = g_mask[:, None] & ch_mask[None, :]
+        q1 = (tl.load(q_half, mask=qh_mask, other=0.0).to(tl.float32) * qk_scale).to(DOT_DTYPE)
+        q2 = (tl.load(q_half + HALF, mask=qh_mask, other=0.0).to(tl.float32) * qk_scale).to(DOT_DTYPE)
+        inv_freq = tl.load(freq_ptr + ch, mask=ch_mask, other=0.0)
     m = tl.full([BLOCK_H], -1e30, tl.float32)  # finite start: a fully masked tile gives p = 0
     l = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -98,12 +142,28 @@ def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr,
         end = tl.minimum(start + split_blocks, nv)
         t_mask = t < BLOCK_SIZE
         row = rows_ptr + hb * stride_rh + start.to(tl.int64) * stride_rb
+        if ROPE:
+            bid = bid_ptr + hb * stride_bh + start.to(tl.int64) * stride_bj  # block_ids[h, start]
         for _ in range(start, end):
-            k = load_k_tile(row, t, t_mask, c, c_mask, BITS, CPB, HEAD_DIM, K_OFF, KS_OFF, KZ_OFF,
-                            BLOCK_T, BLOCK_DJ)
-            v = load_v_tile(row, t, t_mask, c, c_mask, BITS, CPB, HEAD_DIM, V_OFF, VS_OFF, VZ_OFF,
-                            VGROUP, NUM_VGROUPS, BLOCK_T, BLOCK_DJ)
-            m, l, acc = _attend_tile(q, k, v, t_mask, m, l, acc, DOT_DTYPE, IEEE)
+            if ROPE:
+                k1 = load_k_channels(row, t, t_mask, ch, ch_mask, 0, HALF, BITS, CPB, HEAD_DIM, K_OFF,
+                                     KS_OFF, KZ_OFF, BLOCK_T, BLOCK_HALF // CPB)  # [BLOCK_T, BLOCK_HALF]
+                k2 = load_k_channels(row, t, t_mask, ch, ch_mask, HALF, HALF, BITS, CPB, HEAD_DIM, K_OFF,
+                                     KS_OFF, KZ_OFF, BLOCK_T, BLOCK_HALF // CPB)
+                v = load_v_tile(row, t, t_mask, c, c_mask, BITS, CPB, HEAD_DIM, V_OFF, VS_OFF, VZ_OFF,
+                                VGROUP, NUM_VGROUPS, BLOCK_T, BLOCK_DJ)
+                pos = (tl.load(bid).to(tl.int64) * BLOCK_SIZE + t).to(tl.float32)  # positions [BLOCK_T]
+                cos, sin = _cos_sin(pos[:, None] * inv_freq[None, :])  # [BLOCK_T, BLOCK_HALF]
+                s = mma(q1, tl.trans(k1 * cos - k2 * sin), DOT_DTYPE, IEEE)
+                s += mma(q2, tl.trans(k2 * cos + k1 * sin), DOT_DTYPE, IEEE)
+                m, l, acc = _softmax_step(s, v, t_mask, m, l, acc, DOT_DTYPE, IEEE)
+                bid += stride_bj
+            else:
+                k = load_k_tile(row, t, t_mask, c, c_mask, BITS, CPB, HEAD_DIM, K_OFF, KS_OFF, KZ_OFF,
+                                BLOCK_T, BLOCK_DJ)
+                v = load_v_tile(row, t, t_mask, c, c_mask, BITS, CPB, HEAD_DIM, V_OFF, VS_OFF, VZ_OFF,
+                                VGROUP, NUM_VGROUPS, BLOCK_T, BLOCK_DJ)
+                m, l, acc = _attend_tile(q, k, v, t_mask, m, l, acc, DOT_DTYPE, IEEE)
             row += stride_rb
     else:
         first = (split - num_row_splits) * tail_tiles * BLOCK_T
@@ -162,15 +222,24 @@ def sparse_decode_attention_triton(q: torch.Tensor, rows: torch.Tensor, codec: B
                                    tail_k: torch.Tensor, tail_v: torch.Tensor, *,
                                    num_valid: int | torch.Tensor | None = None,
                                    sm_scale: float | None = None,
-                                   split_blocks: int | None = None) -> torch.Tensor:
+                                   split_blocks: int | None = None, block_ids: torch.Tensor | None = None,
+                                   rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of `edgekv.kernels.sparse_attention.sparse_decode_attention_torch`."""
-    group = check_attention_args(q, rows, codec, tail_k, tail_v)
+    group = check_attention_args(q, rows, codec, tail_k, tail_v, block_ids, rope_inv_freq)
     rows = aligned_rows(rows, codec, 3)
-    check_triton_device(_partial_kernel, q, rows, tail_k, tail_v)
+    rope = rope_inv_freq is not None
+    if rope:
+        if block_ids.dtype not in (torch.int32, torch.int64):
+            block_ids = block_ids.to(torch.int64)
+        rope_inv_freq = rope_inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
+    check_triton_device(_partial_kernel, q, rows, tail_k, tail_v, *((block_ids, rope_inv_freq) if rope else ()))
     q, tail_k, tail_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, tail_k, tail_v))
     hkv, ksel, tail_len = rows.shape[0], rows.shape[1], tail_k.shape[1]
     d = codec.head_dim
     layout = tile_layout(codec)
+    if rope and d % (2 * layout["CPB"]):
+        raise ValueError(f"keys before RoPE need head_dim ({d}) to be a multiple of {2 * layout['CPB']} in the "
+                         f"Triton kernel at {codec.bits} bits (each half starts on a code byte); use backend='torch'")
     block_t = layout["BLOCK_T"]
     if split_blocks is None:
         split_blocks = default_split_blocks(ksel, hkv, q.device)
@@ -199,12 +268,14 @@ def sparse_decode_attention_triton(q: torch.Tensor, rows: torch.Tensor, codec: B
     dot = dot_dtype(q.dtype, is_interpreted(_partial_kernel))
     _partial_kernel[(hkv, num_splits)](
         q, rows, tail_k, tail_v, nv_tensor if per_head else lse, o_part, lse,
+        block_ids if rope else lse, rope_inv_freq if rope else lse,
         ksel, tail_len, num_row_splits, split_blocks, tail_tiles, nv_all, scale * LOG2E,
         q.stride(0), rows.stride(0), rows.stride(1), tail_k.stride(0), tail_k.stride(1),
         tail_v.stride(0), tail_v.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
-        lse.stride(0), lse.stride(1),
+        lse.stride(0), lse.stride(1), *(block_ids.stride() if rope else (0, 0)),
         GROUP_Q=group, PER_HEAD_NV=per_head, DOT_DTYPE=dot, IEEE=dot == tl.float32,
-        BLOCK_H=max(16, next_pow2(group)), BLOCK_D=block_d, **layout)
+        BLOCK_H=max(16, next_pow2(group)), BLOCK_D=block_d, ROPE=rope, HALF=d // 2 if rope else 0,
+        BLOCK_HALF=max(16, next_pow2(d // 2)) if rope else 16, **layout)
     _merge_kernel[(hkv * group,)](
         o_part, lse, out, num_splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), GROUP_Q=group, HEAD_DIM=d,

@@ -11,7 +11,8 @@ scores up to ~150, attention outputs up to ~3):
   attention outputs:            fp32 2e-5, fp16 6e-3, bf16 5e-2
   compress: byte-identical rows, identical fp16 summaries; gather: identical bytes.
 Measured under the interpreter: scores fp32 3e-5, fp16 0.022; attention fp32 3.2e-6,
-fp16 2.0e-3, bf16 1.6e-2 (one output ulp). fp16/bf16 differ from the fp32 twin because
+fp16 2.0e-3, bf16 1.6e-2 (one output ulp); with keys before RoPE (rotated in registers)
+fp32 6.0e-7, fp16 4.9e-4, bf16 7.8e-3. fp16/bf16 differ from the fp32 twin because
 the kernels multiply in the input precision (dequantized keys, scaled queries and
 probabilities rounded to it, fp32 accumulation), like any half-precision attention
 kernel; the half tolerances leave room for bf16 tensor-core dots on a GPU (the
@@ -35,6 +36,7 @@ from edgekv.kernels import _backend
 from edgekv.kernels.block_score import bound_scores, decode_keys, key_copy, key_copy_bytes, score_blocks
 from edgekv.kernels.compress import compress_blocks, round_down_f16, round_up_f16
 from edgekv.kernels.gather import gather_rows
+from edgekv.kernels.rope import block_token_positions, rotate_keys
 from edgekv.kernels.sparse_attention import sparse_decode_attention
 from edgekv.quant import BlockCodec
 
@@ -84,6 +86,20 @@ def make_rows(codec: BlockCodec, hkv: int, nb: int, seed: int) -> tuple[torch.Te
 
 def make_q(num_heads: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return (torch.randn(num_heads, d, generator=gen(seed)) * 0.5).to(DEVICE, dtype)
+
+
+def make_block_ids(hkv: int, ksel: int, seed: int, top: int = 250, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``[hkv, ksel]`` distinct block ids per KV head in random order, one of them ``top``
+    (the others below 250): the positions of selected blocks, up to ``top * block_size``."""
+    g = gen(seed)
+    ids = torch.stack([torch.randperm(250, generator=g)[:ksel] for _ in range(hkv)])
+    if ksel:
+        ids[:, ksel // 2] = top
+    return ids.to(DEVICE, dtype)
+
+
+def rope_inv_freq(d: int, base: float = 10000.0) -> torch.Tensor:
+    return (1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)).to(DEVICE)
 
 
 def both(fn, *args, **kwargs):
@@ -233,6 +249,54 @@ def test_attention_twin_masks_invalid_blocks_and_empty_heads():
     assert torch.equal(got[2:], torch.zeros_like(got[2:]))  # a head with no tokens attends to nothing
 
 
+@pytest.mark.parametrize("group,tail", [(1, 0), (3, 37)])
+def test_attention_twin_rotates_keys_before_rope(group, tail):
+    """Anchor: rows of keys before RoPE + block_ids/inv_freq == rows of the rotated keys.
+
+    16-bit rows, so the only difference is where the keys were rounded to fp16 (before
+    or after rotation; keys up to ~24, positions up to ~4K): measured max abs 1.2e-4 and
+    1.3e-4, against 0.35 and 0.72 when the rotation is left out.
+    """
+    b, d, hkv, nb = 16, 64, 2, 5
+    codec = BlockCodec(16, b, d)
+    k, v = make_kv(hkv * nb, b, d, 13)  # k: the model's (rotated) keys
+    ids = make_block_ids(hkv, nb, 14).cpu()
+    inv = rope_inv_freq(d).cpu()
+    k_pre = rotate_keys(k.view(hkv, nb * b, d), block_token_positions(ids, b), inv, inverse=True)
+    rows_rot = codec.encode(k, v).view(hkv, nb, -1).to(DEVICE)
+    rows_pre = codec.encode(k_pre.view(hkv * nb, b, d), v).view(hkv, nb, -1).to(DEVICE)
+    tk, tv = (x.to(DEVICE) for x in make_kv(hkv, tail, d, 15))
+    q = make_q(hkv * group, d, F32, 16)
+    want = sparse_decode_attention(q, rows_rot, codec, tk, tv, backend="torch")
+    got = sparse_decode_attention(q, rows_pre, codec, tk, tv, block_ids=ids.to(DEVICE),
+                                  rope_inv_freq=inv.to(DEVICE), backend="torch")
+    assert max_err(got, want) < 1e-3
+    assert max_err(sparse_decode_attention(q, rows_pre, codec, tk, tv, backend="torch"), want) > 0.1
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_attention_rope_argument_errors(backend):
+    codec = BlockCodec(4, 16, 64)
+    hkv, ksel = 2, 3
+    rows, _, _ = make_rows(codec, hkv, ksel, 17)
+    empty = torch.zeros(hkv, 0, 64, device=DEVICE)
+    q = make_q(hkv * 2, 64, F32, 18)
+    ids, inv = make_block_ids(hkv, ksel, 19), rope_inv_freq(64)
+
+    def attend(**kwargs):
+        return sparse_decode_attention(q, rows, codec, empty, empty, backend=backend, **kwargs)
+
+    for kwargs in (dict(block_ids=ids), dict(rope_inv_freq=inv)):
+        with pytest.raises(ValueError, match="go together"):
+            attend(**kwargs)
+    for bad_ids in (ids[:, :2], ids[:1], ids.float()):
+        with pytest.raises(ValueError, match="block_ids must be an int tensor"):
+            attend(block_ids=bad_ids, rope_inv_freq=inv)
+    for bad_freq in (inv[:-1], inv[None], rope_inv_freq(128)):
+        with pytest.raises(ValueError, match="rope_inv_freq must be"):
+            attend(block_ids=ids, rope_inv_freq=bad_freq)
+
+
 def test_compress_twin_is_the_codec_and_bounds_the_keys():
     codec = BlockCodec(4, 16, 64)
     hkv, n = 3, 5
@@ -379,6 +443,71 @@ def test_sparse_attention_triton_no_tokens_gives_zeros():
     assert torch.equal(got, torch.zeros_like(got)) and torch.equal(want, got)
 
 
+# keys before RoPE: (k_selected, tail_len, head_dim, group, bits, block_size, dtype, split_blocks,
+# largest block id); block ids are distinct per KV head, in random order
+ROPE_CASES = [
+    (1, 0, 64, 1, 4, 16, F32, None, 250),
+    (7, 37, 128, 4, 4, 16, F32, 2, 250),
+    (7, 1, 64, 3, 4, 16, F16, 3, 250),
+    (7, 37, 128, 8, 4, 32, BF16, None, 250),
+    (2, 0, 128, 3, 2, 16, F32, 1, 250),
+    (3, 5, 64, 2, 2, 16, BF16, 1, 250),
+    (7, 37, 64, 4, 8, 16, F16, 2, 250),
+    (3, 5, 64, 8, 16, 16, F32, 1, 250),
+    (3, 0, 128, 2, 16, 16, BF16, 2, 250),
+    (2, 9, 64, 4, 16, 16, F16, None, 250),
+    (7, 1, 24, 3, 4, 5, F32, 2, 250),  # halves of 12 channels, padded to 16
+    (3, 4, 24, 2, 2, 3, F16, 1, 250),  # 2 bits: the second half starts 3 code bytes in
+    (0, 37, 64, 4, 4, 16, F32, None, 250),  # no rows: block_ids [hkv, 0]
+    (5, 3, 64, 4, 4, 16, F32, 2, 40_000),  # positions ~640K: angles up to 6.4e5 rad
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("ksel,tail,d,group,bits,block_size,dtype,split,top", ROPE_CASES, ids=case_id)
+def test_sparse_attention_triton_rope_matches_twin(ksel, tail, d, group, bits, block_size, dtype, split, top):
+    codec = BlockCodec(bits, block_size, d)
+    hkv = 2
+    rows, _, _ = make_rows(codec, hkv, ksel, ksel * 5 + tail)
+    tk, tv = (x.to(DEVICE, dtype) for x in make_kv(hkv, tail, d, tail + 2))
+    q = make_q(hkv * group, d, dtype, d + group + 1)
+    ids = make_block_ids(hkv, ksel, ksel + d, top, torch.int32 if ksel % 2 else torch.int64)
+    want, got = both(sparse_decode_attention, q, rows, codec, tk, tv, split_blocks=split, block_ids=ids,
+                     rope_inv_freq=rope_inv_freq(d))
+    assert got.shape == (hkv * group, d) and got.dtype == dtype
+    assert max_err(got, want) <= ATTN_ATOL[dtype]
+
+
+@needs_triton
+@pytest.mark.parametrize("num_valid,dtype", [(0, F32), (5, F32), ("per_head", F16), ("per_head", BF16)],
+                         ids=case_id)
+def test_sparse_attention_triton_rope_num_valid(num_valid, dtype):
+    codec = BlockCodec(4, 16, 64)
+    hkv, ksel, group = 3, 7, 2
+    rows, _, _ = make_rows(codec, hkv, ksel, 23)
+    tk, tv = (x.to(DEVICE, dtype) for x in make_kv(hkv, 5, 64, 24))
+    if num_valid == "per_head":
+        num_valid = torch.tensor([7, 0, 2], dtype=torch.int32, device=DEVICE)
+    q = make_q(hkv * group, 64, dtype, 25)
+    want, got = both(sparse_decode_attention, q, rows, codec, tk, tv, num_valid=num_valid, split_blocks=2,
+                     block_ids=make_block_ids(hkv, ksel, 26), rope_inv_freq=rope_inv_freq(64))
+    assert max_err(got, want) <= ATTN_ATOL[dtype]
+
+
+@needs_triton
+def test_sparse_attention_triton_rope_needs_halves_on_code_bytes():
+    """2 bits, head_dim 12: the second half would start inside a code byte -> ValueError
+    naming the way out; the twin takes it."""
+    codec = BlockCodec(2, 4, 12)
+    rows, _, _ = make_rows(codec, 1, 2, 27)
+    empty = torch.zeros(1, 0, 12, device=DEVICE)
+    args = (make_q(2, 12, F32, 28), rows, codec, empty, empty)
+    rope = dict(block_ids=make_block_ids(1, 2, 29), rope_inv_freq=rope_inv_freq(12))
+    with pytest.raises(ValueError, match="multiple of 8.*backend='torch'"):
+        sparse_decode_attention(*args, backend="triton", **rope)
+    assert sparse_decode_attention(*args, backend="torch", **rope).shape == (2, 12)
+
+
 # ---- Triton vs twin: compress ---------------------------------------------------------------------
 
 
@@ -499,6 +628,19 @@ def test_sparse_attention_large(ksel, tail, dtype, split):
     tk, tv = (x.to(DEVICE, dtype) for x in make_kv(8, tail, 128, 2))
     q = make_q(32, 128, dtype, 3)
     want, got = both(sparse_decode_attention, q, rows, codec, tk, tv, split_blocks=split)
+    assert max_err(got, want) <= ATTN_ATOL[dtype]
+
+
+@needs_cuda
+@needs_triton
+@pytest.mark.parametrize("ksel,tail,dtype,top", [(69, 37, F16, 4000), (69, 311, BF16, 250), (64, 0, F32, 40_000)])
+def test_sparse_attention_rope_large(ksel, tail, dtype, top):
+    codec = BlockCodec(4, 32, 128)
+    rows, _, _ = make_rows(codec, 8, ksel, ksel + 1)
+    tk, tv = (x.to(DEVICE, dtype) for x in make_kv(8, tail, 128, 4))
+    q = make_q(32, 128, dtype, 5)
+    want, got = both(sparse_decode_attention, q, rows, codec, tk, tv, block_ids=make_block_ids(8, ksel, 6, top),
+                     rope_inv_freq=rope_inv_freq(128, 500000.0))
     assert max_err(got, want) <= ATTN_ATOL[dtype]
 
 

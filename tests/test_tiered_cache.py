@@ -14,6 +14,7 @@ from edgekv.cli import app
 from edgekv.config import Policy
 from edgekv.engine import Engine
 from edgekv.errors import BudgetError
+from edgekv.kernels.rope import rotate_keys
 from edgekv.loader import resolve_model
 from edgekv.quant import BlockCodec
 from edgekv.tiered_cache import TieredKVCache
@@ -21,10 +22,13 @@ from edgekv.tiered_cache import TieredKVCache
 runner = CliRunner()
 
 
+INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+
+
 def small_cache(tmp_path, **overrides) -> TieredKVCache:
     args = dict(num_layers=2, num_kv_heads=2, head_dim=16, max_context=256, block_size=4, kv_bits=4,
                 recent_window=5, device_cache_bytes=1 << 20, ram_bytes=1 << 20, disk_dir=str(tmp_path),
-                disk_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"))
+                disk_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"), rope_inv_freq=INV_FREQ)
     args.update(overrides)
     return TieredKVCache(**args)
 
@@ -43,13 +47,17 @@ def feed(cache: TieredKVCache, chunks: list[int], seed: int = 0) -> tuple[list, 
     return ks, vs
 
 
-def expected(codec: BlockCodec, full: torch.Tensor, other: torch.Tensor, num_blocks: int, which: int):
-    """Compressed part = codec round trip of whole blocks; the rest exact."""
+def expected_keys(codec: BlockCodec, keys: torch.Tensor, values: torch.Tensor, num_blocks: int):
+    """Compressed part = keys rotated back to position 0, codec round trip, rotated again; the rest exact."""
     n = num_blocks * codec.block_size
-    H, _, D = full.shape
-    blocks = codec.decode(codec.encode(full[:, :n].reshape(-1, codec.block_size, D),
-                                       other[:, :n].reshape(-1, codec.block_size, D)))[which]
-    return torch.cat((blocks.reshape(H, n, D), full[:, n:]), dim=1)
+    H, _, D = keys.shape
+    pos = torch.arange(n)
+    pre = rotate_keys(keys[:, :n], pos, INV_FREQ, inverse=True)
+    blocks = codec.decode(codec.encode(pre.reshape(-1, codec.block_size, D),
+                                       values[:, :n].reshape(-1, codec.block_size, D)))[0]
+    out = torch.cat((rotate_keys(blocks.reshape(H, n, D), pos, INV_FREQ), keys[:, n:]), dim=1)
+    out[:, :codec.block_size] = keys[:, :codec.block_size]  # block 0: the exact sink
+    return out
 
 
 def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
@@ -59,10 +67,12 @@ def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
     assert cache.num_blocks == (23 - 5) // 4  # whole blocks older than the window
     for layer in range(2):
         keys, values = cache.layer_keys_values(layer)
-        assert torch.allclose(keys, expected(cache.codec, ks[layer], vs[layer], cache.num_blocks, 0), atol=1e-6)
+        assert torch.allclose(keys, expected_keys(cache.codec, ks[layer], vs[layer], cache.num_blocks),
+                              atol=1e-5)
         n = cache.num_blocks * 4
         assert torch.equal(keys[:, n:], ks[layer][:, n:]) and torch.equal(values[:, n:], vs[layer][:, n:])
-        assert not torch.equal(keys[:, :n], ks[layer][:, :n])  # 4-bit really is lossy
+        assert torch.equal(keys[:, :4], ks[layer][:, :4]) and torch.equal(values[:, :4], vs[layer][:, :4])
+        assert not torch.equal(keys[:, 4:n], ks[layer][:, 4:n])  # 4-bit really is lossy
 
 
 def test_values_of_compressed_blocks_are_the_codec_round_trip(tmp_path):
@@ -71,7 +81,7 @@ def test_values_of_compressed_blocks_are_the_codec_round_trip(tmp_path):
     codec, n = cache.codec, cache.num_blocks * 4
     _, values = cache.layer_keys_values(1)
     _, v_hat = codec.decode(codec.encode(ks[1][:, :n].reshape(-1, 4, 16), vs[1][:, :n].reshape(-1, 4, 16)))
-    assert torch.allclose(values[:, :n], v_hat.reshape(2, n, 16), atol=1e-6)
+    assert torch.allclose(values[:, 4:n], v_hat.reshape(2, n, 16)[:, 4:], atol=1e-6)
 
 
 def test_truncate_inside_the_compressed_part_keeps_whole_blocks(tmp_path):

@@ -1,0 +1,230 @@
+"""Sparse block selection: budgets, scorers, speculation, and the engine path that uses them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from edgekv.cli import app
+from edgekv.config import SCORER_NAMES, Policy
+from edgekv.engine import Engine
+from edgekv.errors import EdgekvError
+from edgekv.kernels import sparse_decode_attention
+from edgekv.loader import resolve_model
+from edgekv.quant import BlockCodec
+from edgekv.selection import SCORERS, BlockSummaries, budget_blocks, budget_tokens, select_blocks
+from edgekv.tiered_cache import TieredKVCache
+
+runner = CliRunner()
+INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
+
+
+# ---- budgets ---------------------------------------------------------------------------------
+
+
+def test_a_budget_is_tokens_a_share_of_the_context_or_everything():
+    assert budget_tokens("all", 8192) is None
+    assert budget_tokens(2048, 8192) == 2048
+    assert budget_tokens("10%", 8192) == 820  # rounded up
+    assert budget_tokens("100%", 100) == 100
+
+
+def test_blocks_fill_what_the_exact_tail_leaves_of_the_budget():
+    # 8192-token context, 96 exact tail tokens, blocks of 32: 10% = 820 tokens -> (820 - 96) // 32 = 22
+    assert budget_blocks("10%", context=8192, tail=96, block_size=32, num_blocks=253, sink_blocks=1) == 22
+    assert budget_blocks(512, context=8192, tail=64, block_size=32, num_blocks=254, sink_blocks=1) == 14
+    # never fewer than the sinks, never more than exist
+    assert budget_blocks(10, context=8192, tail=64, block_size=32, num_blocks=254, sink_blocks=2) == 2
+    assert budget_blocks(10**6, context=8192, tail=64, block_size=32, num_blocks=254, sink_blocks=1) == 254
+    assert budget_blocks("all", context=8192, tail=64, block_size=32, num_blocks=254, sink_blocks=1) == 254
+
+
+def test_selection_keeps_the_sinks_then_the_best_scores_in_block_order():
+    scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0, 7.0],
+                           [9.0, 0.0, 8.0, 1.0, 2.0, 3.0]])
+    chosen = select_blocks(scores, 3, sink_blocks=1)
+    assert chosen.tolist() == [[0, 3, 5], [0, 2, 5]]
+    assert select_blocks(scores, 6, sink_blocks=1).tolist() == [list(range(6))] * 2
+
+
+# ---- scorers ---------------------------------------------------------------------------------
+
+
+def test_the_scorer_registry_is_the_policy_s_list():
+    assert tuple(SCORERS) == SCORER_NAMES
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_every_scorer_ranks_the_block_holding_the_matching_keys_first(name):
+    g = torch.Generator().manual_seed(0)
+    codec = BlockCodec(bits=4, block_size=8, head_dim=16)
+    hkv, nb = 2, 12
+    keys = torch.randn(hkv, nb * 8, 16, generator=g) * 0.3
+    q = torch.randn(4, 16, generator=g)  # GQA group 2
+    needle = {0: 7, 1: 3}  # KV head -> block whose keys all point along its queries
+    for h, b in needle.items():
+        keys[h, b * 8:(b + 1) * 8] += 2.0 * q[2 * h] / q[2 * h].norm()
+    summaries = BlockSummaries(SCORERS[name], codec, num_layers=1, num_kv_heads=hkv, max_blocks=16,
+                               device=torch.device("cpu"), backend="torch")
+    summaries.write(0, 0, keys[:, :48])  # blocks 0..5, then 6..11 in a second write
+    summaries.write(0, 6, keys[:, 48:])
+    scores = summaries.scores(0, q, nb)
+    assert scores.shape == (hkv, nb)
+    assert scores.argmax(dim=1).tolist() == [needle[0], needle[1]]
+
+
+def test_summaries_cost_what_the_registry_says_per_block():
+    codec = BlockCodec(bits=4, block_size=32, head_dim=64)
+    per_block = {}
+    for name in SCORER_NAMES:
+        s = BlockSummaries(SCORERS[name], codec, num_layers=3, num_kv_heads=2, max_blocks=10,
+                           device=torch.device("cpu"), backend="torch")
+        per_block[name] = s.bytes_used(10) / (3 * 2 * 10)
+    # 4-bit key copy: codes 32*64/2 + fp16 scale and zero per channel
+    assert per_block == {"keys4": 1024 + 4 * 64, "minmax": 4 * 64, "mean": 2 * 64}
+
+
+# ---- the tiered cache with a budget ---------------------------------------------------------------
+
+
+def tiered(tmp_path, **overrides) -> TieredKVCache:
+    args = dict(num_layers=2, num_kv_heads=2, head_dim=16, max_context=512, block_size=4, kv_bits=4,
+                recent_window=4, device_cache_bytes=1 << 20, ram_bytes=1 << 20, disk_dir=str(tmp_path),
+                disk_bytes=1 << 20, dtype=torch.float32, device=torch.device("cpu"), rope_inv_freq=INV_FREQ,
+                kernels="torch")
+    args.update(overrides)
+    return TieredKVCache(**args)
+
+
+def fill(cache: TieredKVCache, tokens: int, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(cache.num_layers):
+        cache.attend(layer, torch.randn(4, tokens, 16, generator=g), torch.randn(2, tokens, 16, generator=g),
+                     torch.randn(2, tokens, 16, generator=g))
+    cache.commit(tokens)
+
+
+def decode_step(cache: TieredKVCache, layer: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    return cache.attend(layer, q, k, v)
+
+
+def test_a_budget_covering_every_block_attends_exactly_like_budget_all(tmp_path):
+    a, b = tiered(tmp_path / "a"), tiered(tmp_path / "b")
+    for c in (a, b):
+        fill(c, 100)
+    b.configure_selection(budget=10**6, sink_blocks=1, dense_layers=0, speculate=False)
+    assert torch.equal(decode_step(a, 0), decode_step(b, 0))
+
+
+def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(tmp_path):
+    cache = tiered(tmp_path)
+    fill(cache, 100)  # 24 compressed blocks of 4, tail of 4
+    cache.configure_selection(budget=20, sink_blocks=1, dense_layers=0, speculate=False)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    chosen = cache._selection(0, q[:, 0])  # before the step: the tail then has 4 tokens, the step adds 1
+    out = cache.attend(0, q, k, v)
+    blocks = cache._selection(0, q[:, 0])
+    assert blocks.shape == (2, (20 - 5) // 4) and (blocks[:, 0] == 0).all()
+    assert chosen.shape[1] == (20 - 4) // 4
+    rows = cache.store.get(cache.row_ids(0, blocks[:, 1:])).view(2, blocks.shape[1] - 1, -1)
+    exact_k = torch.cat((cache.sink_k[0], cache.tail_k[0]), dim=1)  # block 0 is read from its exact copy
+    exact_v = torch.cat((cache.sink_v[0], cache.tail_v[0]), dim=1)
+    expected = sparse_decode_attention(q[:, 0], rows, cache.codec, exact_k, exact_v,
+                                       block_ids=blocks[:, 1:], rope_inv_freq=INV_FREQ, backend="torch")
+    assert torch.allclose(out[:, 0], expected, atol=1e-6)
+    assert cache.counters.selected_blocks == 2 * blocks.shape[1]
+    assert cache.counters.candidate_blocks == 2 * cache.num_blocks
+
+
+def test_dense_layers_attend_every_block_whatever_the_budget(tmp_path):
+    a, b = tiered(tmp_path / "a"), tiered(tmp_path / "b")
+    for c in (a, b):
+        fill(c, 100)
+    b.configure_selection(budget=8, sink_blocks=1, dense_layers=1, speculate=False)
+    assert torch.equal(decode_step(a, 0), decode_step(b, 0))  # layer 0 is dense
+    assert not torch.equal(decode_step(a, 1), decode_step(b, 1))  # layer 1 is sparse
+
+
+def test_speculation_with_the_true_query_hits_every_needed_block(tmp_path):
+    cache = tiered(tmp_path)
+    fill(cache, 100)
+    cache.configure_selection(budget=24, sink_blocks=1, dense_layers=0, speculate=True)
+    assert cache.speculating
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 1, 16, generator=g)
+    cache.speculate(1, q[:, 0])
+    cache.attend(1, q, torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g))
+    stats = cache.counters.as_stats(decode_steps=1)
+    assert cache.counters.needed_blocks > 0 and stats["prefetch_hit_rate"] == 1.0
+    assert stats["prefetch_miss_bytes"] == 0
+    cache.speculate(0, -q[:, 0])  # a wrong guess misses some blocks and counts their bytes
+    cache.attend(0, q, torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g))
+    stats = cache.counters.as_stats(decode_steps=1)
+    assert stats["prefetch_hit_rate"] < 1.0
+    assert stats["prefetch_miss_bytes"] == (cache.counters.needed_blocks - cache.counters.hit_blocks) * cache.codec.row_bytes
+
+
+def test_imported_state_selects_the_same_blocks(tmp_path):
+    a = tiered(tmp_path / "a")
+    fill(a, 100)
+    b = tiered(tmp_path / "b")
+    b.import_state(a.export_state())
+    for c in (a, b):
+        c.configure_selection(budget=16, sink_blocks=1, dense_layers=0, speculate=False)
+    q = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a._selection(1, q), b._selection(1, q))
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tiny_models):
+    return resolve_model(tiny_models["llama3"])
+
+
+def test_budget_all_and_a_budget_above_the_context_give_the_same_tokens(tiny_source, long_text):
+    prompt = long_text[:2500] + "\n\nSummarise."
+    runs = {}
+    for budget in ("all", "100%", 100_000):
+        e = Engine(tiny_source, Policy(block_size=16, budget=budget, kernels="torch"))
+        runs[budget] = e.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
+        e.close()
+    assert runs["all"] == runs["100%"] == runs[100_000]
+
+
+def test_a_sparse_budget_reports_its_selection_and_prefetch_figures(tiny_source, long_text):
+    e = Engine(tiny_source, Policy(block_size=16, budget="10%", speculate=True, kernels="torch"))
+    result = e.generate(long_text[:2500] + "\n\nSummarise.", max_new_tokens=12, ignore_eos=True)
+    s = result.stats
+    assert 0 < s["selected_fraction"] < 0.2
+    assert 0.0 <= s["prefetch_hit_rate"] <= 1.0 and s["prefetch_miss_bytes"] >= 0
+    assert s["kv_bytes"]["device"] > 0
+    e.update_policy(budget="all")  # no reset: the same KV, now every block
+    assert e.generate(long_text[:2500] + "\n\nSummarise.", max_new_tokens=2).stats["reused_tokens"] > 0
+    e.close()
+
+
+def test_a_budget_without_offload_is_refused_with_the_fix(tiny_source):
+    with pytest.raises(EdgekvError, match="offload is off"):
+        Engine(tiny_source, Policy(offload=False, budget="10%"))
+    e = Engine(tiny_source, Policy(offload=False))
+    with pytest.raises(EdgekvError, match="offload is off"):
+        e.update_policy(budget=512)
+    assert e.policy.budget == "all"
+
+
+def test_the_cli_takes_budget_and_scorer_options(tiny_models, tmp_path, long_text):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(long_text[:2000])
+    result = runner.invoke(app, ["generate", str(doc), "-p", "Summarise.", "--model", str(tiny_models["llama3"]),
+                                 "-n", "4", "--budget", "10%", "--scorer", "minmax", "--dense-layers", "1",
+                                 "--no-doc-cache"])
+    assert result.exit_code == 0, result.output
+    bad = runner.invoke(app, ["generate", str(doc), "-p", "x", "--model", str(tiny_models["llama3"]),
+                              "--scorer", "oracle"])
+    assert bad.exit_code == 2 and "invalid scorer 'oracle'" in bad.output
