@@ -228,3 +228,16 @@ def test_the_cli_takes_budget_and_scorer_options(tiny_models, tmp_path, long_tex
     bad = runner.invoke(app, ["generate", str(doc), "-p", "x", "--model", str(tiny_models["llama3"]),
                               "--scorer", "oracle"])
     assert bad.exit_code == 2 and "invalid scorer 'oracle'" in bad.output
+
+
+def test_bench_quality_crosses_bit_widths_budgets_and_scorers():
+    from edgekv.bench_quality import parse_configs
+
+    configs = parse_configs("4,8", "all,10%", "keys4,minmax", dense_layers=2, speculate=None)
+    assert list(configs) == ["4-bit", "4-bit, 10%, keys4", "4-bit, 10%, minmax",
+                             "8-bit", "8-bit, 10%, keys4", "8-bit, 10%, minmax"]
+    assert configs["8-bit, 10%, minmax"] == {"kv_bits": 8, "budget": "10%", "scorer": "minmax", "dense_layers": 2}
+    with pytest.raises(EdgekvError, match="invalid scorer 'best'"):
+        parse_configs("4", "10%", "best")
+    with pytest.raises(EdgekvError, match="invalid budget"):
+        parse_configs("4", "ten percent")
