@@ -118,6 +118,9 @@ class Policy:
         object.__setattr__(self, "budget", parse_budget(self.budget))
         if self.scorer not in SCORER_NAMES:
             raise EdgekvError(f"invalid scorer {self.scorer!r}: use one of {', '.join(SCORER_NAMES)}")
+        if not self.offload and self.budget != "all":
+            raise EdgekvError(f"budget {self.budget!r} selects blocks of the offloaded KV cache, and offload is "
+                              f"off: drop --no-offload, or use budget 'all'")
         _require_int("sink_blocks", self.sink_blocks, minimum=1)
         _require_int("dense_layers", self.dense_layers, minimum=0)
         if not isinstance(self.speculate, bool) and self.speculate != "auto":

@@ -119,9 +119,6 @@ class Engine:
     def _new_cache(self) -> PagedKVCache | TieredKVCache:
         s, p = self.shape, self.policy
         if not p.offload:
-            if p.budget != "all":
-                raise EdgekvError(f"budget {p.budget!r} selects blocks of the offloaded KV cache, and offload is "
-                                  f"off: drop --no-offload, or use budget 'all'")
             return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 block_size=p.block_size, dtype=self.dtype, device=self.device)
         disk_dir = (p.disk_dir or str(cache_root() / "kv")) if p.disk_bytes else None
@@ -158,10 +155,6 @@ class Engine:
             except EdgekvError:
                 self.policy = old
                 raise
-        elif not new.offload and new.budget != "all":
-            self.policy = old
-            raise EdgekvError(f"budget {new.budget!r} selects blocks of the offloaded KV cache, and offload is "
-                              f"off: use budget 'all'")
         else:
             self._configure_selection(self.kv)
 
@@ -252,9 +245,7 @@ class Engine:
         if len(ids) > self.max_context:
             raise ContextOverflowError(len(ids), self.max_context, len(ids))
         logits, _ = self.prefill(ids[:prefill])
-        reset_counters = getattr(self.kv, "reset_counters", None)
-        if reset_counters is not None:
-            reset_counters()  # selection figures cover the scored decode steps
+        self._reset_counters()  # selection figures cover the scored decode steps
         nll = []
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
@@ -296,9 +287,7 @@ class Engine:
         stream, stops = TextStream(self.tokenizer), [s for s in (stop or []) if s]
         generated: list[int] = []
         finish, ttft, cut = "length", None, None
-        reset_counters = getattr(self.kv, "reset_counters", None)
-        if reset_counters is not None:
-            reset_counters()  # traffic and selection figures cover the decode steps only
+        self._reset_counters()  # traffic and selection figures cover the decode steps only
         t_decode0 = time.perf_counter()
         while len(generated) < max_new_tokens:
             if generated:
@@ -324,6 +313,11 @@ class Engine:
         text = stream.text if cut is None else stream.text[:cut]
         return GenerateResult(text=text, token_ids=generated, stats=self._stats(
             ids, reused, generated, t_prefill, t_decode, ttft, finish))
+
+    def _reset_counters(self) -> None:
+        """Zero the offloaded cache's traffic and selection counters (the dense cache has none)."""
+        if isinstance(self.kv, TieredKVCache):
+            self.kv.reset_counters()
 
     def _traffic(self, decode_steps: int) -> dict:
         """Bytes each tier delivered per decode step, and the bandwidth each achieved."""

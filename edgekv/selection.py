@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from .kernels import bound_scores, compress_blocks, score_blocks
-from .kernels.block_score import key_copy
+from .kernels.block_score import key_copy, key_copy_bytes
 from .quant import BlockCodec
 
 
@@ -64,8 +64,6 @@ def _keys4_score(q: torch.Tensor, summary: torch.Tensor, codec: BlockCodec, back
 
 
 def _keys4_width(codec: BlockCodec) -> tuple[int, torch.dtype]:
-    from .kernels.block_score import key_copy_bytes
-
     return key_copy_bytes(_key_codec(codec)), torch.uint8
 
 
