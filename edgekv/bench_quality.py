@@ -7,7 +7,9 @@ and tokens. Tasks:
 - ppl: teacher-forced perplexity of the last N tokens of a long real document (Python's
   pydoc topics), those tokens fed as decode steps; reported as a ratio to the reference.
 - agreement: greedy tokens of a summary of a document, compared position by position
-  with the reference's (fraction equal, and the length of the identical prefix).
+  with the reference's (fraction equal, and the length of the identical prefix), and
+  teacher-forced: the reference tokens fed back, the share of positions where the
+  config's greedy choice is the reference token.
 - passkey: a number hidden at several depths of a real-text haystack; the answer must
   contain it (accuracy over trials).
 """
@@ -20,6 +22,8 @@ import re
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 from .bench_speed import prompt_ids
 from .errors import EdgekvError
@@ -57,13 +61,28 @@ def run_ppl(engine, ids: list[int], score_tokens: int) -> tuple[float, dict]:
     return math.exp(float(nll.mean())), selection
 
 
-def run_agreement(engine, doc_tokens: int, new_tokens: int) -> list[int]:
+def run_agreement(engine, doc_tokens: int, new_tokens: int, reference: list[int] | None) -> dict:
+    """Greedy summary of a document, against the dense reference tokens when given.
+
+    agreement: share of positions where the free-running greedy tokens equal the
+    reference (one early difference changes every later token); identical_prefix: how
+    many come before the first difference; forced_agreement: with the reference tokens
+    fed back (teacher forcing), the share of positions where this config's greedy choice
+    is the reference token — each position judged on the same prefix.
+    """
     text = engine.tokenizer.decode(prompt_ids(engine.tokenizer, doc_tokens))
+    prompt = engine.encode([{"role": "user", "content": text + "\n\nSummarise the text above."}])
     engine.reset()
-    out = engine.generate([{"role": "user", "content": text + "\n\nSummarise the text above."}],
-                          max_new_tokens=new_tokens, ignore_eos=True).token_ids
+    tokens = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
+    row = {"tokens": tokens}
+    if reference is not None:
+        same = [a == b for a, b in zip(tokens, reference)]
+        _, best = engine.score(prompt + reference, prefill=len(prompt), argmax=True)  # reuses the prompt's KV
+        row.update(agreement=sum(same) / len(same),
+                   identical_prefix=next((i for i, s in enumerate(same) if not s), len(same)),
+                   forced_agreement=float((best == torch.tensor(reference)).float().mean()))
     engine.reset()
-    return out
+    return row
 
 
 def run_passkey(engine, context: int, trials: int) -> float:
@@ -106,11 +125,10 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row["ppl_ratio"] = row["ppl"] / ref_ppl
             row.update({k: v for k, v in selection.items() if v is not None})
         if "agreement" in tasks:
-            tokens = run_agreement(engine, agreement_doc, agreement_tokens)
-            ref_tokens = ref_tokens or tokens
-            same = [a == b for a, b in zip(tokens, ref_tokens)]
-            row["agreement"] = sum(same) / len(same)
-            row["identical_prefix"] = next((i for i, s in enumerate(same) if not s), len(same))
+            result = run_agreement(engine, agreement_doc, agreement_tokens, ref_tokens)
+            ref_tokens = ref_tokens or result["tokens"]
+            row.update({k: v for k, v in result.items() if k != "tokens"}
+                       or {"agreement": 1.0, "identical_prefix": len(ref_tokens), "forced_agreement": 1.0})
         if "passkey" in tasks:
             for context in passkey_contexts:
                 row[f"passkey@{context}"] = run_passkey(engine, context, passkey_trials)
@@ -131,7 +149,8 @@ def format_row(row: dict) -> str:
     if "ppl" in row:
         parts.append(f"ppl {row['ppl']:.4f} (x{row['ppl_ratio']:.4f})")
     if "agreement" in row:
-        parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']})")
+        parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']}, "
+                     f"teacher-forced {row['forced_agreement']:.0%})")
     parts += [f"{k} {v:.0%}" for k, v in row.items() if k.startswith("passkey@")]
     if "selected_fraction" in row:
         parts.append(f"blocks attended {row['selected_fraction']:.1%}")
@@ -145,7 +164,7 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
     if "ppl" in tasks:
         head += f" {'ppl':>8} {'vs dense':>9}"
     if "agreement" in tasks:
-        head += f" {'agree':>6} {'same first':>10}"
+        head += f" {'agree':>6} {'same first':>10} {'forced':>7}"
     passkeys = [k for k in rows[0] if k.startswith("passkey@")]
     head += "".join(f" {k:>13}" for k in passkeys)
     head += f" {'blocks':>7} {'hit rate':>8}"
@@ -155,7 +174,7 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
         if "ppl" in tasks:
             line += f" {r['ppl']:>8.4f} {r['ppl_ratio']:>8.4f}x"
         if "agreement" in tasks:
-            line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10}"
+            line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10} {r['forced_agreement']:>7.0%}"
         line += "".join(f" {r[k]:>13.0%}" for k in passkeys)
         line += f" {_share(r.get('selected_fraction')):>7} {_share(r.get('prefetch_hit_rate')):>8}"
         lines.append(line)
@@ -174,12 +193,13 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
     from .report import save_figure
 
-    metrics = [m for m in rows[0] if m in ("ppl_ratio", "agreement") or m.startswith("passkey@")]
+    metrics = [m for m in rows[0] if m in ("ppl_ratio", "agreement", "forced_agreement") or m.startswith("passkey@")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 4), squeeze=False)
     labels = [r["config"] for r in rows]
     for ax, metric in zip(axes[0], metrics):
         ax.bar(labels, [r[metric] for r in rows], color="tab:blue")
-        ax.set_title({"ppl_ratio": "perplexity / dense", "agreement": "greedy agreement with dense"}.get(
+        ax.set_title({"ppl_ratio": "perplexity / dense", "agreement": "greedy agreement with dense",
+                      "forced_agreement": "teacher-forced greedy agreement"}.get(
             metric, f"passkey accuracy, {metric.removeprefix('passkey@')} tokens"))
         ax.tick_params(axis="x", rotation=30)
         ax.grid(axis="y", alpha=0.3)

@@ -106,6 +106,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
     for engine in engines.values():
         time_edgekv(engine, warm, 4)
     time_transformers(reference, warm, 4)
+    # decode over a short context: what a step costs besides long-context attention
+    floor_tok_s = time_edgekv(engines["edgekv dense"], prompt_ids(first.tokenizer, 64), decode_tokens)["decode_tok_s"]
     rows = []
     for n in contexts:
         ids = prompt_ids(first.tokenizer, n)
@@ -116,6 +118,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
             for key in ("prefill_tok_s", "decode_tok_s"):
                 row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
             row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"]
+        row["short_context_decode_tok_s"] = floor_tok_s
+        row["ceiling_vs_dense"] = floor_tok_s / row["edgekv dense"]["decode_tok_s"]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
     for engine in engines.values():
@@ -128,7 +132,9 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
 
 def format_table(rows: list[dict], names: list[str]) -> str:
     """One line per context and engine: tok/s, the ratio to transformers, decode vs edgekv dense,
-    and where a decode step's KV time goes (ms per token: select, fetch, attend)."""
+    and where a decode step's KV time goes (ms per token: select, fetch, attend); then the
+    ceiling: dense decode over a 64-token context vs dense at this context (what a step
+    costs besides attention bounds what any sparse budget can gain)."""
     head = (f"{'context':>8}  {'engine':<22} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} "
             f"{'x transf.':>10} {'x dense':>8}  kv ms/token")
     lines = [head, "-" * len(head)]
@@ -141,6 +147,10 @@ def format_table(rows: list[dict], names: list[str]) -> str:
             where = "  " + " ".join(f"{k} {v:.1f}" for k, v in split.items()) if split else ""
             lines.append(f"{'':>8}  {name:<22} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
                          f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x {e['decode_vs_dense']:>7.2f}x{where}")
+        if "ceiling_vs_dense" in r:
+            lines.append(f"{'':>8}  {'ceiling':<22} {'':>14} {'':>10} {r['short_context_decode_tok_s']:>13.1f} {'':>10} "
+                         f"{r['ceiling_vs_dense']:>7.2f}x  dense decode at a 64-token context: the most any "
+                         f"budget can gain here were its attention free")
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ import torch
 
 from edgekv.errors import DiskFullError, EdgekvError
 
-FORMAT_VERSION = 2  # 2: keys stored before RoPE
+FORMAT_VERSION = 3  # 2: keys stored before RoPE; 3: values in a rotated basis below 16 bits
 MAGIC = b"EDGEKVDC"
 ALIGN = 64  # bytes; every tensor's data starts at a multiple of this file offset
 SUFFIX = ".edkv"

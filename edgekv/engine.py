@@ -232,12 +232,16 @@ class Engine:
         self.cached_ids = list(token_ids)
 
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[int], *, prefill: int) -> torch.Tensor:
+    def score(self, token_ids: Sequence[int], *, prefill: int,
+              argmax: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced negative log-likelihood (nats) of token_ids[prefill:], float32 [n].
 
         The first `prefill` tokens are prefilled; every later token is fed as a decode
         step under the current policy (offloaded tiers, compression), exactly the path
-        `generate` takes, and scored before it is fed.
+        `generate` takes, and scored before it is fed. A cached prefix of token_ids is
+        reused. With `argmax`, also returns the greedy choice at each of those positions
+        (int64 [n]): where it equals token_ids[prefill:], greedy decoding would have
+        produced that token from the same prefix.
         """
         ids = list(token_ids)
         if not 0 < prefill < len(ids):
@@ -246,12 +250,14 @@ class Engine:
             raise ContextOverflowError(len(ids), self.max_context, len(ids))
         logits, _ = self.prefill(ids[:prefill])
         self._reset_counters()  # selection figures cover the scored decode steps
-        nll = []
+        nll, best = [], []
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
+            best.append(logits.argmax())
             if i + 1 < len(ids):
                 logits = self._decode_step(ids[i])
-        return torch.stack(nll).cpu()
+        nll = torch.stack(nll).cpu()
+        return (nll, torch.stack(best).cpu()) if argmax else nll
 
     @torch.inference_mode()
     def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,

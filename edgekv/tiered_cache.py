@@ -17,7 +17,9 @@ is compressed (`compress_blocks`: packed rows in the `BlockCodec` layout) and
 put in the store (device cache → RAM → disk). A decode step fetches a layer's rows in one
 batched `get` and runs `sparse_decode_attention` over the packed rows (dequantized in
 registers by the Triton kernel, by the torch twin on the CPU, and rotated to their
-positions there) and the exact tail. With a budget below "all", a decode step fetches and
+positions there) and the exact tail. Below 16 bits every value the cache holds (rows,
+sink and tail) is in the Hadamard-rotated basis of `edgekv.rotation`, and each attention
+output is rotated back once. With a budget below "all", a decode step fetches and
 attends only the blocks `edgekv.selection` picks from per-block summaries (made here
 when a block is compressed); `speculate` lets the layer loop request a layer's blocks
 one layer early. A prefill chunk decodes and rotates the rows into a
@@ -37,6 +39,7 @@ from .errors import BudgetError
 from .kernels import compress_blocks, sparse_decode_attention
 from .kernels.rope import rotate_keys
 from .quant import BlockCodec
+from .rotation import rotate, value_rotation
 from .selection import SCORERS, BlockSummaries, SelectionCounters, budget_blocks, select_blocks
 from .sizes import format_size
 from .tiers import TierStore, check_budgets
@@ -55,6 +58,7 @@ class TieredKVCache:
         self.dtype, self.device, self.kernels = dtype, device, kernels
         self.rope_inv_freq = rope_inv_freq.to(device=device, dtype=torch.float32)  # [head_dim // 2]
         self.codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
+        self.value_basis = value_rotation(head_dim, kv_bits, device)  # every value held is rotated by it
         self.max_blocks = -(-max_context // block_size)
         layer_rows = num_kv_heads * self.max_blocks
         check_budgets(self.codec.row_bytes, min_ram_rows=layer_rows, device_cache_bytes=device_cache_bytes,
@@ -137,7 +141,8 @@ class TieredKVCache:
         return self._scratch
 
     def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view)."""
+        """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view);
+        values in the stored basis (`edgekv.rotation`)."""
         compressed = self.num_blocks * self.block_size
         tail = self.tail_k[layer].shape[1]
         k_buf, v_buf = self._scratch_for(compressed + tail)
@@ -157,7 +162,7 @@ class TieredKVCache:
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.tail_k[layer] = torch.cat((self.tail_k[layer], k), dim=1)
-        self.tail_v[layer] = torch.cat((self.tail_v[layer], v), dim=1)
+        self.tail_v[layer] = torch.cat((self.tail_v[layer], rotate(v, self.value_basis)), dim=1)
         one_query = q.shape[1] == 1  # a decode step: the fused kernel over packed rows
         if one_query:
             t0 = time.perf_counter()
@@ -183,9 +188,9 @@ class TieredKVCache:
             seconds["select"] += t1 - t0
             seconds["fetch"] += t2 - t1
             seconds["attend"] += time.perf_counter() - t2
-            return out[:, None]  # [Hq, 1, D]
+            return rotate(out, self.value_basis, inverse=True)[:, None]  # [Hq, 1, D]
         keys, values = self.layer_keys_values(layer)
-        return dense_attention(q, keys, values, q_start=self.length)
+        return rotate(dense_attention(q, keys, values, q_start=self.length), self.value_basis, inverse=True)
 
     def commit(self, num_tokens: int) -> None:
         """Advance the length; compress the full blocks that left the recent window."""
@@ -254,7 +259,7 @@ class TieredKVCache:
         rows = self.store.get(ids).cpu() if len(ids) else torch.empty((0, self.codec.row_bytes), dtype=torch.uint8)
         return {
             "rows": rows,
-            "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]
+            "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]; values in the stored basis
             "tail_v": torch.stack(self.tail_v).cpu(),
             "sink_k": torch.stack(self.sink_k).cpu(),  # [layers, Hkv, 0 or block_size, D]
             "sink_v": torch.stack(self.sink_v).cpu(),

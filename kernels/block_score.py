@@ -122,7 +122,17 @@ def code_table(bits: int, device: torch.device) -> torch.Tensor:
 
 def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *,
                        combine: str = "max") -> torch.Tensor:
-    """Twin of the Triton block scorer: decode the keys (fp32), one bmm per KV head."""
+    """Twin of the Triton block scorer, computed on the codes without dequantizing them.
+
+    Per block ``b`` (keys ``k[t, c] = code[t, c] * scale[c] + zero[c]``)::
+
+        q . k[t] = (q * scale) . code[t] + q . zero
+
+    so the scale folds into a per-block query and the zero into a per-block bias: one
+    small matmul per block and code position within a byte (channels ``j, j + cpb, …``
+    are the ``j``-th code of each byte), on codes cast straight from the bytes. The same
+    scores as decoding first, up to fp32 summation order; about 3x faster on a CPU.
+    """
     check_combine(combine)
     if rows.dim() != 3:
         raise ValueError(f"rows must be [num_kv_heads, num_blocks, width] (got {tuple(rows.shape)})")
@@ -131,12 +141,31 @@ def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     group = query_group(q, hkv, d)
     if nb == 0:
         return torch.empty(hkv, 0, dtype=torch.float32, device=q.device)
-    k = decode_keys(rows.reshape(hkv * nb, -1), codec).view(hkv, nb * b, d)
     qg = q.float().view(hkv, group, d)
     if combine == "sum":  # sum_g q_g . k == (sum_g q_g) . k
         qg = qg.sum(dim=1, keepdim=True)
-    s = torch.bmm(qg, k.transpose(1, 2))  # [hkv, group|1, D] @ [hkv, D, nb*B] -> [hkv, group|1, nb*B]
-    return s.amax(dim=1).view(hkv, nb, b).amax(dim=2)
+    flat = rows.reshape(hkv * nb, -1)
+    cpb = codec.codes_per_byte
+    if codec.bits == 16 or d % cpb:  # raw keys, or codes that straddle tokens: decode first
+        k = decode_keys(flat, codec).view(hkv, nb * b, d)
+        s = torch.bmm(qg, k.transpose(1, 2))  # [hkv, g, D] @ [hkv, D, nb*B] -> [hkv, g, nb*B]
+        return s.amax(dim=1).view(hkv, nb, b).amax(dim=2)
+    off = row_offsets(codec, flat.shape[-1])
+    flat = aligned_rows(flat, codec, 2, flat.shape[-1])
+    ks = off["k"][0]
+    codes = flat[:, ks:ks + b * d // cpb].view(hkv * nb, b, d // cpb)  # [n, B, D / cpb] bytes
+    scale = flat[:, slice(*off["k_scale"])].view(torch.float16).float().view(hkv, nb, 1, d)
+    zero = flat[:, slice(*off["k_zero"])].view(torch.float16).float().view(hkv, nb, d, 1)
+    g = qg.shape[1]
+    q_scaled = (qg[:, None] * scale).view(hkv * nb, g, d)  # [n, g, D]
+    mask = (1 << codec.bits) - 1
+    s = None
+    for j in range(cpb):  # [n, g, D / cpb] @ [n, D / cpb, B] -> [n, g, B]
+        c = ((codes >> (codec.bits * j)) & mask).float().transpose(1, 2)
+        qj = q_scaled[..., j::cpb].contiguous()
+        s = torch.bmm(qj, c) if s is None else s.baddbmm_(qj, c)
+    bias = torch.matmul(qg[:, None], zero).view(hkv, nb, g)  # [hkv, 1, g, D] @ [hkv, nb, D, 1]
+    return (s.view(hkv, nb, g, b).amax(dim=3) + bias).amax(dim=2)
 
 
 def check_bound_args(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,

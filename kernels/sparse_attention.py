@@ -111,15 +111,16 @@ def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: Bl
                                   rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """The twin: `BlockCodec.decode` to fp32, then exact fp32 softmax attention.
 
-    The selected tokens and the tail are scored separately and softmaxed together
-    (no concatenated copy of K/V). ``split_blocks`` is accepted and ignored.
+    The selected tokens and the tail are scored separately and share one softmax
+    (a common max, then exp and sums per part), with no concatenated copy of scores or
+    K/V. ``split_blocks`` is accepted and ignored.
     """
     group = check_attention_args(q, rows, codec, tail_k, tail_v, block_ids, rope_inv_freq)
     hkv, ksel = rows.shape[0], rows.shape[1]
     b, d = codec.block_size, codec.head_dim
     scale = d**-0.5 if sm_scale is None else sm_scale
     qg = q.float().view(hkv, group, d) * scale
-    scores, values = [], []
+    parts = []  # (scores [hkv, group, n], values [hkv, n, D])
     if ksel:
         k, v = codec.decode(rows.reshape(hkv * ksel, -1), torch.float32)
         k, v = k.view(hkv, ksel * b, d), v.view(hkv, ksel * b, d)
@@ -129,17 +130,18 @@ def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: Bl
         valid = valid_block_mask(num_valid, hkv, ksel, s.device)
         if valid is not None:
             s.masked_fill_(~valid.repeat_interleave(b, dim=1)[:, None, :], float("-inf"))
-        scores.append(s)
-        values.append(v)
+        parts.append((s, v))
     if tail_k.shape[1]:
         # [hkv, group, D] @ [hkv, D, L] -> [hkv, group, L]
-        scores.append(torch.bmm(qg, tail_k.float().transpose(1, 2)))
-        values.append(tail_v.float())
+        parts.append((torch.bmm(qg, tail_k.float().transpose(1, 2)), tail_v.float()))
     out = torch.zeros(hkv, group, d, dtype=torch.float32, device=q.device)
-    if scores:
-        p = torch.softmax(torch.cat(scores, dim=2), dim=2).nan_to_num_(0.0)  # all-masked head -> 0
-        start = 0
-        for v in values:  # [hkv, group, n] @ [hkv, n, D] -> [hkv, group, D]
-            out.baddbmm_(p[:, :, start:start + v.shape[1]], v)
-            start += v.shape[1]
+    if parts:
+        top = torch.stack([s.amax(dim=2) for s, _ in parts]).amax(dim=0, keepdim=True)[0][..., None]
+        top = top.masked_fill(top.isinf(), 0.0)  # an all-masked head: exp gives 0 everywhere
+        total = torch.zeros(hkv, group, 1, dtype=torch.float32, device=q.device)
+        for s, v in parts:  # [hkv, group, n] @ [hkv, n, D] -> [hkv, group, D]
+            e = s.sub_(top).exp_()
+            total += e.sum(dim=2, keepdim=True)
+            out.baddbmm_(e, v)
+        out = (out / total).nan_to_num_(0.0)  # all-masked head -> 0
     return out.view(hkv * group, d).to(q.dtype)

@@ -168,12 +168,14 @@ def test_key_copy_keeps_the_keys(bits):
 
 @pytest.mark.parametrize("combine", ["max", "sum"])
 @pytest.mark.parametrize("group", [1, 3])
-def test_score_twin_is_block_max_of_combined_dot_products(combine, group):
-    codec = BlockCodec(4, 16, 64)
+@pytest.mark.parametrize("bits, block_size, head_dim", [(4, 16, 64), (2, 16, 64), (8, 8, 32), (16, 16, 64), (2, 5, 6)])
+def test_score_twin_is_block_max_of_combined_dot_products(combine, group, bits, block_size, head_dim):
+    """The twin scores on codes (scale folded into the query); it must equal decoding first."""
+    codec = BlockCodec(bits, block_size, head_dim)
     hkv, nb = 2, 3
     rows, _, _ = make_rows(codec, hkv, nb, 1)
-    q = make_q(hkv * group, 64, F32, 2)
-    k = codec.decode(rows.view(hkv * nb, -1))[0].view(hkv, nb, 16, 64).cpu()
+    q = make_q(hkv * group, head_dim, F32, 2)
+    k = codec.decode(rows.view(hkv * nb, -1))[0].view(hkv, nb, block_size, head_dim).cpu()
     want = torch.empty(hkv, nb)
     for h in range(hkv):
         for b in range(nb):
@@ -181,6 +183,8 @@ def test_score_twin_is_block_max_of_combined_dot_products(combine, group):
             per_token = per_head.amax(0) if combine == "max" else per_head.sum(0)
             want[h, b] = per_token.max()
     got = score_blocks(q, rows, codec, combine=combine, backend="torch")
+    for copy in (rows, key_copy(rows, codec)):  # whole rows and the compact key copy score the same
+        assert torch.equal(score_blocks(q, copy, codec, combine=combine, backend="torch"), got)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
 
 

@@ -13,6 +13,7 @@ from edgekv.errors import EdgekvError
 from edgekv.kernels import sparse_decode_attention
 from edgekv.loader import resolve_model
 from edgekv.quant import BlockCodec
+from edgekv.rotation import rotate
 from edgekv.selection import SCORERS, BlockSummaries, budget_blocks, budget_tokens, select_blocks
 from edgekv.tiered_cache import TieredKVCache
 
@@ -135,7 +136,7 @@ def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(
     exact_v = torch.cat((cache.sink_v[0], cache.tail_v[0]), dim=1)
     expected = sparse_decode_attention(q[:, 0], rows, cache.codec, exact_k, exact_v,
                                        block_ids=blocks[:, 1:], rope_inv_freq=INV_FREQ, backend="torch")
-    assert torch.allclose(out[:, 0], expected, atol=1e-6)
+    assert torch.allclose(out[:, 0], rotate(expected, cache.value_basis, inverse=True), atol=1e-6)  # values are held rotated
     assert cache.counters.selected_blocks == 2 * blocks.shape[1]
     assert cache.counters.candidate_blocks == 2 * cache.num_blocks
 
@@ -241,3 +242,48 @@ def test_bench_quality_crosses_bit_widths_budgets_and_scorers():
         parse_configs("4", "10%", "best")
     with pytest.raises(EdgekvError, match="invalid budget"):
         parse_configs("4", "ten percent")
+
+
+def test_bench_speed_times_budgets_against_dense_and_reports_the_ceiling(tiny_models, tmp_path, capsys):
+    from edgekv.bench_speed import run_speed_bench
+
+    rows = run_speed_bench(str(tiny_models["llama3"]), [200], decode_tokens=4, plot=tmp_path / "s.png",
+                           threads=None, budgets=["50%"])
+    row = rows[0]
+    assert set(row) >= {"transformers", "edgekv dense", "edgekv 4-bit tiers", "edgekv 4-bit 50%"}
+    sparse = row["edgekv 4-bit 50%"]
+    assert sparse["decode_vs_dense"] == pytest.approx(sparse["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"])
+    assert set(sparse["decode_ms_per_token"]) == {"speculate", "select", "fetch", "attend"}
+    assert sparse["decode_ms_per_token"]["select"] > 0
+    assert row["ceiling_vs_dense"] == pytest.approx(row["short_context_decode_tok_s"] / row["edgekv dense"]["decode_tok_s"])
+    out = capsys.readouterr().out
+    assert "edgekv 4-bit 50%" in out and "ceiling" in out
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_teacher_forced_scoring_gives_the_nll_and_greedy_choice_of_each_position(tiny_source, long_text):
+    e = Engine(tiny_source, Policy(block_size=16, offload=False))  # dense: rerunning a token changes nothing
+    prompt = e.encode(long_text[:1500])
+    greedy = e.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    e.reset()
+    first_logits, _ = e.prefill(prompt)
+    nll, best = e.score(prompt + greedy, prefill=len(prompt), argmax=True)
+    assert best.tolist() == greedy  # feeding greedy tokens back, each is again the greedy choice
+    assert nll.shape == (12,) and (nll >= 0).all()
+    assert nll[0] == pytest.approx(float(-torch.log_softmax(first_logits.float(), -1)[greedy[0]]), abs=1e-4)
+    assert torch.equal(e.score(prompt + greedy, prefill=len(prompt)), nll)  # the prompt's KV is reused
+    e.close()
+
+
+def test_bench_quality_reports_each_task_against_dense(tiny_models, tmp_path, capsys):
+    from edgekv.bench_quality import run_quality_bench
+
+    rows = run_quality_bench(str(tiny_models["llama3"]), {"4-bit, 25%": {"kv_bits": 4, "budget": "25%"}},
+                             tasks=["ppl", "agreement", "passkey"], ppl_context=400, score_tokens=16,
+                             agreement_doc=300, agreement_tokens=8, passkey_contexts=[200], passkey_trials=1,
+                             plot=tmp_path / "q.png")
+    dense, sparse = rows
+    assert dense["ppl_ratio"] == 1.0 and dense["agreement"] == dense["forced_agreement"] == 1.0
+    assert sparse["ppl_ratio"] > 0 and 0 <= sparse["forced_agreement"] <= 1 and 0 <= sparse["agreement"] <= 1
+    assert 0 < sparse["selected_fraction"] <= 1 and "passkey@200" in sparse
+    assert "4-bit, 25%" in capsys.readouterr().out and (tmp_path / "q.png").stat().st_size > 0

@@ -17,6 +17,7 @@ from edgekv.errors import BudgetError
 from edgekv.kernels.rope import rotate_keys
 from edgekv.loader import resolve_model
 from edgekv.quant import BlockCodec
+from edgekv.rotation import rotate, value_rotation
 from edgekv.tiered_cache import TieredKVCache
 
 runner = CliRunner()
@@ -66,22 +67,43 @@ def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
     assert cache.length == 23
     assert cache.num_blocks == (23 - 5) // 4  # whole blocks older than the window
     for layer in range(2):
-        keys, values = cache.layer_keys_values(layer)
+        keys, stored = cache.layer_keys_values(layer)
+        values = rotate(stored, cache.value_basis, inverse=True)
         assert torch.allclose(keys, expected_keys(cache.codec, ks[layer], vs[layer], cache.num_blocks),
                               atol=1e-5)
         n = cache.num_blocks * 4
-        assert torch.equal(keys[:, n:], ks[layer][:, n:]) and torch.equal(values[:, n:], vs[layer][:, n:])
-        assert torch.equal(keys[:, :4], ks[layer][:, :4]) and torch.equal(values[:, :4], vs[layer][:, :4])
+        assert torch.equal(keys[:, n:], ks[layer][:, n:]) and torch.allclose(values[:, n:], vs[layer][:, n:], atol=1e-6)
+        assert torch.equal(keys[:, :4], ks[layer][:, :4]) and torch.allclose(values[:, :4], vs[layer][:, :4], atol=1e-6)
         assert not torch.equal(keys[:, 4:n], ks[layer][:, 4:n])  # 4-bit really is lossy
 
 
-def test_values_of_compressed_blocks_are_the_codec_round_trip(tmp_path):
+def test_values_of_compressed_blocks_are_the_codec_round_trip_in_the_rotated_basis(tmp_path):
     cache = small_cache(tmp_path)
     ks, vs = feed(cache, [20])
-    codec, n = cache.codec, cache.num_blocks * 4
+    codec, n, r = cache.codec, cache.num_blocks * 4, cache.value_basis
     _, values = cache.layer_keys_values(1)
-    _, v_hat = codec.decode(codec.encode(ks[1][:, :n].reshape(-1, 4, 16), vs[1][:, :n].reshape(-1, 4, 16)))
+    _, v_hat = codec.decode(codec.encode(ks[1][:, :n].reshape(-1, 4, 16), rotate(vs[1][:, :n], r).reshape(-1, 4, 16)))
     assert torch.allclose(values[:, 4:n], v_hat.reshape(2, n, 16)[:, 4:], atol=1e-6)
+
+
+def test_values_are_rotated_below_16_bits_only(tmp_path):
+    assert small_cache(tmp_path / "a", kv_bits=16).value_basis is None
+    r = small_cache(tmp_path / "b").value_basis
+    assert torch.allclose(r @ r.T, torch.eye(16), atol=1e-6)
+
+
+def test_rotated_values_quantize_an_outlier_channel_better():
+    """One large channel sets a per-token group's grid; the rotation spreads it over every channel."""
+    codec = BlockCodec(4, 4, 16)
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(8, 4, 16, generator=g)
+    v[..., 3] *= 40
+    k = torch.randn(8, 4, 16, generator=g)
+    r = value_rotation(16, 4, torch.device("cpu"))
+    plain = codec.decode(codec.encode(k, v))[1]
+    rotated = rotate(codec.decode(codec.encode(k, rotate(v, r)))[1], r, inverse=True)
+    small = [c for c in range(16) if c != 3]
+    assert (rotated - v)[..., small].norm() < 0.5 * (plain - v)[..., small].norm()
 
 
 def test_truncate_inside_the_compressed_part_keeps_whole_blocks(tmp_path):
