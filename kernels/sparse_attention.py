@@ -136,7 +136,7 @@ def sparse_decode_attention_torch(q: torch.Tensor, rows: torch.Tensor, codec: Bl
         parts.append((torch.bmm(qg, tail_k.float().transpose(1, 2)), tail_v.float()))
     out = torch.zeros(hkv, group, d, dtype=torch.float32, device=q.device)
     if parts:
-        top = torch.stack([s.amax(dim=2) for s, _ in parts]).amax(dim=0, keepdim=True)[0][..., None]
+        top = torch.stack([s.amax(dim=2) for s, _ in parts]).amax(dim=0)[..., None]  # [hkv, group, 1]
         top = top.masked_fill(top.isinf(), 0.0)  # an all-masked head: exp gives 0 everywhere
         total = torch.zeros(hkv, group, 1, dtype=torch.float32, device=q.device)
         for s, v in parts:  # [hkv, group, n] @ [hkv, n, D] -> [hkv, group, D]
