@@ -126,9 +126,10 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row.update({k: v for k, v in selection.items() if v is not None})
         if "agreement" in tasks:
             result = run_agreement(engine, agreement_doc, agreement_tokens, ref_tokens)
-            ref_tokens = ref_tokens or result["tokens"]
-            row.update({k: v for k, v in result.items() if k != "tokens"}
-                       or {"agreement": 1.0, "identical_prefix": len(ref_tokens), "forced_agreement": 1.0})
+            if ref_tokens is None:  # the dense run is the reference: it agrees with itself
+                ref_tokens = result["tokens"]
+                result.update(agreement=1.0, identical_prefix=len(ref_tokens), forced_agreement=1.0)
+            row.update({k: v for k, v in result.items() if k != "tokens"})
         if "passkey" in tasks:
             for context in passkey_contexts:
                 row[f"passkey@{context}"] = run_passkey(engine, context, passkey_trials)

@@ -259,8 +259,8 @@ class TieredKVCache:
         rows = self.store.get(ids).cpu() if len(ids) else torch.empty((0, self.codec.row_bytes), dtype=torch.uint8)
         return {
             "rows": rows,
-            "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]; values in the stored basis
-            "tail_v": torch.stack(self.tail_v).cpu(),
+            "tail_k": torch.stack(self.tail_k).cpu(),  # [layers, Hkv, tail, D]
+            "tail_v": torch.stack(self.tail_v).cpu(),  # values (tail and sink) in the stored basis
             "sink_k": torch.stack(self.sink_k).cpu(),  # [layers, Hkv, 0 or block_size, D]
             "sink_v": torch.stack(self.sink_v).cpu(),
             "length": torch.tensor([self.length, self.num_blocks], dtype=torch.int64),

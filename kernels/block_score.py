@@ -27,10 +27,7 @@ Results: ``[num_kv_heads, num_blocks] fp32`` on q's device.
 
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
 from edgekv.quant import BlockCodec
 
@@ -104,20 +101,12 @@ def decode_keys(rows: torch.Tensor, codec: BlockCodec) -> torch.Tensor:
     ks, ke = off["k"]
     if codec.bits == 16:
         return rows[:, ks:ke].view(torch.float16)[:, : b * d].reshape(n, b, d).float()
-    # one table lookup per byte gives its codes as floats (the fastest unpacking in torch)
-    codes = F.embedding(rows[:, ks:ke].int(), code_table(codec.bits, rows.device))  # [n, code_bytes, cpb]
-    k = codes.view(n, -1)[:, : b * d].reshape(n, b, d)
+    packed, bits, mask = rows[:, ks:ke], codec.bits, (1 << codec.bits) - 1
+    codes = torch.stack([(packed >> (bits * j)) & mask for j in range(codec.codes_per_byte)], dim=-1)  # [n, code_bytes, cpb]
+    k = codes.view(n, -1)[:, : b * d].reshape(n, b, d).float()
     scale = rows[:, slice(*off["k_scale"])].view(torch.float16).float().view(n, 1, d)
     zero = rows[:, slice(*off["k_zero"])].view(torch.float16).float().view(n, 1, d)
     return torch.addcmul(zero, k, scale)  # code * scale is exact in fp32 (<= 8-bit code x fp16), so fused or not, the same
-
-
-@functools.cache
-def code_table(bits: int, device: torch.device) -> torch.Tensor:
-    """fp32 [256, 8 // bits]: the codes packed in each byte value, lowest bits first."""
-    cpb, mask = 8 // bits, (1 << bits) - 1
-    byte = torch.arange(256)[:, None]
-    return ((byte >> (bits * torch.arange(cpb))[None, :]) & mask).float().to(device)
 
 
 def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *,
