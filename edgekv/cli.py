@@ -74,6 +74,7 @@ def user_errors() -> Iterator[None]:
 ModelOpt = typer.Option(None, "--model", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct).")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
 DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat16.")
+WeightDtypeOpt = typer.Option(None, "--weight-dtype", help="Stored weight precision: auto (float16 on CPU), float32, float16 or bfloat16.")
 BlockOpt = typer.Option(None, "--block-size", help="Tokens per KV block.")
 ChunkOpt = typer.Option(None, "--prefill-chunk", help="Tokens per prefill pass (bounds memory).")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
@@ -94,7 +95,7 @@ SpeculateOpt = typer.Option(None, "--speculate/--no-speculate", help="Prefetch a
 
 # The options generate and chat share: CLI parameter name -> policy key.
 POLICY_OPTIONS = {
-    "device": "device", "dtype": "dtype", "block_size": "block_size", "prefill_chunk": "prefill_chunk",
+    "device": "device", "dtype": "dtype", "weight_dtype": "weight_dtype", "block_size": "block_size", "prefill_chunk": "prefill_chunk",
     "threads": "threads", "kv_bits": "kv_bits", "offload": "offload", "recent_window": "recent_window",
     "device_cache": "device_cache_bytes", "ram": "ram_bytes", "disk_dir": "disk_dir",
     "disk_bytes": "disk_bytes", "kernels": "kernels", "budget": "budget", "scorer": "scorer",
@@ -121,6 +122,7 @@ def generate(
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the run's figures as JSON here."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    weight_dtype: Optional[str] = WeightDtypeOpt,
     block_size: Optional[int] = BlockOpt,
     prefill_chunk: Optional[int] = ChunkOpt,
     threads: Optional[int] = ThreadsOpt,
@@ -331,6 +333,7 @@ def chat(
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
+    weight_dtype: Optional[str] = WeightDtypeOpt,
     block_size: Optional[int] = BlockOpt,
     prefill_chunk: Optional[int] = ChunkOpt,
     threads: Optional[int] = ThreadsOpt,

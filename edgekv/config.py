@@ -52,6 +52,10 @@ class Policy:
 
     device / dtype: where and in what precision weights and activations live
         ("auto": CUDA with bfloat16/float16 when present, else CPU with float32).
+    weight_dtype: precision the projection weights are stored in ("auto": float16 on a
+        CPU with float32 activations, where a decode step is bound by reading the weights;
+        else the activation dtype). Decode steps multiply the stored weights, prefill
+        chunks widen them to the activation dtype (`model.linear`).
     prefill_chunk: tokens per prefill forward pass (bounds activation memory).
     block_size: tokens per KV block (the paging, compression and selection unit).
     offload: True = the KV cache lives compressed in the tiers (device cache, RAM, disk);
@@ -79,6 +83,7 @@ class Policy:
 
     device: str = "auto"
     dtype: str = "auto"
+    weight_dtype: str = "auto"
     prefill_chunk: int = 512
     block_size: int = 32
     offload: bool = True
@@ -101,6 +106,8 @@ class Policy:
             raise EdgekvError(f"invalid device {self.device!r}: use one of {', '.join(DEVICES)}")
         if self.dtype not in DTYPES:
             raise EdgekvError(f"invalid dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.weight_dtype not in DTYPES:
+            raise EdgekvError(f"invalid weight_dtype {self.weight_dtype!r}: use one of {', '.join(DTYPES)}")
         _require_int("prefill_chunk", self.prefill_chunk, minimum=1)
         _require_int("block_size", self.block_size, minimum=1)
         _require_int("recent_window", self.recent_window, minimum=0)

@@ -72,6 +72,16 @@ def _pick_dtype(policy: Policy, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def _pick_weight_dtype(policy: Policy, device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    if policy.weight_dtype != "auto":
+        return getattr(torch, policy.weight_dtype)
+    if device.type == "cpu" and dtype == torch.float32:
+        # a CPU decode step reads every weight once per token: half the bytes, and torch's
+        # fp16 matrix-vector product accumulates in fp32 (see `model.linear`)
+        return torch.float16
+    return dtype
+
+
 def load(model: str | os.PathLike | None = None, *, progress: bool = True, **policy: object) -> "Engine":
     """Load a model (default: the embedded SmolLM2-135M-Instruct) with a validated policy."""
     return Engine(resolve_model(model, progress=progress), Policy.from_kwargs(**policy))
@@ -86,13 +96,15 @@ class Engine:
             torch.set_num_threads(policy.threads)
         self.device = _pick_device(policy)
         self.dtype = _pick_dtype(policy, self.device)
+        self.weight_dtype = _pick_weight_dtype(policy, self.device, self.dtype)
         if policy.kernels == "triton" and self.device.type != "cuda":
             # Triton runs CPU tensors only in its interpreter, chosen when it is first imported
             os.environ.setdefault("TRITON_INTERPRET", "1")
         self.config = load_config(source)
         self.tokenizer = load_tokenizer(source)
         with torch.inference_mode():
-            self.model = Decoder(self.config, load_state_dict(source), dtype=self.dtype, device=self.device)
+            self.model = Decoder(self.config, load_state_dict(source), dtype=self.dtype, device=self.device,
+                                 weight_dtype=self.weight_dtype)
         self.shape = self.model.shape
         self.eos_ids = self._eos_ids()
         self.kv = self._new_cache()
@@ -144,8 +156,8 @@ class Engine:
 
     def update_policy(self, **changes: object) -> None:
         """Change policy keys (validated); a change to the KV layout drops the kept KV."""
-        if {"device", "dtype"} & set(changes):
-            raise EdgekvError("device and dtype are fixed when the model loads: load it again to change them")
+        if {"device", "dtype", "weight_dtype"} & set(changes):
+            raise EdgekvError("device, dtype and weight_dtype are fixed when the model loads: load it again to change them")
         new = self.policy.replace(**changes)
         layout_changed = any(getattr(new, k) != getattr(self.policy, k) for k in self.KV_LAYOUT_KEYS)
         old, self.policy = self.policy, new

@@ -77,6 +77,29 @@ class KVCache(Protocol):
     # the previous layer attends.
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, in] @ weight[out, in]ᵀ + bias [out], in x's dtype.
+
+    Weights may be stored narrower than the activations (`Policy.weight_dtype`, e.g.
+    fp16 weights with fp32 activations): the product then rounds x to the weights'
+    dtype, accumulates in fp32 and rounds the result to the weights' dtype. A single
+    token (a decode step, bound by reading the weights) runs torch's matrix-vector
+    product on the stored weights, which does exactly that; more tokens (a prefill
+    chunk, bound by arithmetic, where narrow CPU matrix products are slow) widen the
+    weights and compute the same exact products in fp32 — so a token gets the same
+    outputs, up to fp32 summation order, alone or in a chunk.
+    """
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    narrow = x.to(weight.dtype)
+    if x.shape[0] == 1:
+        y = F.linear(narrow, weight)
+    else:
+        y = F.linear(narrow.to(x.dtype), weight.to(x.dtype)).to(weight.dtype)
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
 def rope_inverse_frequencies(config) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [head_dim/2] float32 and the cos/sin scale, as transformers computes them."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -106,8 +129,10 @@ class Decoder(torch.nn.Module):
     transformers state dict loads as is.
     """
 
-    def __init__(self, config, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device,
+                 weight_dtype: torch.dtype | None = None):
         super().__init__()
+        weight_dtype = weight_dtype or dtype
         self.shape = ModelShape.from_config(config)
         s = self.shape
 
@@ -122,35 +147,49 @@ class Decoder(torch.nn.Module):
         def maybe(name: str) -> torch.Tensor | None:
             return take(name) if name in state else None
 
+        def matrix(*parts: torch.Tensor) -> torch.Tensor:
+            """Row-stacked projection weights, stored in weight_dtype."""
+            return torch.cat(parts).to(weight_dtype) if len(parts) > 1 else parts[0].to(weight_dtype)
+
+        def bias(*names: str, rows: tuple[int, ...]) -> torch.Tensor | None:
+            """The stacked biases of `names` (zeros where one has none); None when none has one."""
+            found = [maybe(n) for n in names]
+            if all(b is None for b in found):
+                return None
+            return torch.cat([torch.zeros(r, dtype=dtype, device=device) if b is None else b
+                              for b, r in zip(found, rows)])
+
         q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.embed = take("model.embed_tokens.weight", s.vocab_size, s.hidden_size)
         self.layers = []
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
+            a, m = p + "self_attn.", p + "mlp."
+            # q, k, v (and gate, up) stacked: one matrix product each per layer
             self.layers.append({
                 "ln1": take(p + "input_layernorm.weight"),
                 "ln2": take(p + "post_attention_layernorm.weight"),
-                "q": take(p + "self_attn.q_proj.weight", q_rows, s.hidden_size),
-                "k": take(p + "self_attn.k_proj.weight", kv_rows, s.hidden_size),
-                "v": take(p + "self_attn.v_proj.weight", kv_rows, s.hidden_size),
-                "o": take(p + "self_attn.o_proj.weight", s.hidden_size, q_rows),
-                "q_bias": maybe(p + "self_attn.q_proj.bias"),
-                "k_bias": maybe(p + "self_attn.k_proj.bias"),
-                "v_bias": maybe(p + "self_attn.v_proj.bias"),
-                "o_bias": maybe(p + "self_attn.o_proj.bias"),
-                "gate": take(p + "mlp.gate_proj.weight", s.intermediate_size, s.hidden_size),
-                "up": take(p + "mlp.up_proj.weight", s.intermediate_size, s.hidden_size),
-                "down": take(p + "mlp.down_proj.weight", s.hidden_size, s.intermediate_size),
-                "gate_bias": maybe(p + "mlp.gate_proj.bias"),
-                "up_bias": maybe(p + "mlp.up_proj.bias"),
-                "down_bias": maybe(p + "mlp.down_proj.bias"),
+                "qkv": matrix(take(a + "q_proj.weight", q_rows, s.hidden_size),
+                              take(a + "k_proj.weight", kv_rows, s.hidden_size),
+                              take(a + "v_proj.weight", kv_rows, s.hidden_size)),
+                "qkv_bias": bias(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias",
+                                 rows=(q_rows, kv_rows, kv_rows)),
+                "o": matrix(take(a + "o_proj.weight", s.hidden_size, q_rows)),
+                "o_bias": maybe(a + "o_proj.bias"),
+                "gate_up": matrix(take(m + "gate_proj.weight", s.intermediate_size, s.hidden_size),
+                                  take(m + "up_proj.weight", s.intermediate_size, s.hidden_size)),
+                "gate_up_bias": bias(m + "gate_proj.bias", m + "up_proj.bias",
+                                     rows=(s.intermediate_size, s.intermediate_size)),
+                "down": matrix(take(m + "down_proj.weight", s.hidden_size, s.intermediate_size)),
+                "down_bias": maybe(m + "down_proj.bias"),
             })
         self.norm = take("model.norm.weight")
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
-        self.lm_head = self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size)
+        self.lm_head = matrix(self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size))
         inv_freq, self.rope_scale = rope_inverse_frequencies(config)
         self.inv_freq = inv_freq.to(device)
-        self.dtype, self.device = dtype, device
+        self.dtype, self.weight_dtype, self.device = dtype, weight_dtype, device
+        self.q_rows = q_rows
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
@@ -173,26 +212,29 @@ class Decoder(torch.nn.Module):
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions)
         speculating = T == 1 and getattr(kv, "speculating", False)
+        q_rows, kv_rows = self.q_rows, s.num_kv_heads * s.head_dim
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["ln1"])
             if speculating and i + 1 < len(self.layers):
                 # layer i+1's query from layer i's input (InfiniGen): its blocks load while layer i runs
                 nxt = self.layers[i + 1]
-                q_next = F.linear(h, nxt["q"], nxt["q_bias"]).view(s.num_heads, s.head_dim)
+                q_bias = None if nxt["qkv_bias"] is None else nxt["qkv_bias"][:q_rows]
+                q_next = linear(h, nxt["qkv"][:q_rows], q_bias).view(s.num_heads, s.head_dim)
                 kv.speculate(i + 1, q_next * cos[0] + _rotate_half(q_next) * sin[0])
-            q = F.linear(h, w["q"], w["q_bias"]).view(T, s.num_heads, s.head_dim).transpose(0, 1)
-            k = F.linear(h, w["k"], w["k_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
-            v = F.linear(h, w["v"], w["v_bias"]).view(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            q, k, v = linear(h, w["qkv"], w["qkv_bias"]).split((q_rows, kv_rows, kv_rows), dim=-1)
+            q = q.reshape(T, s.num_heads, s.head_dim).transpose(0, 1)
+            k = k.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            v = v.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
             q = q * cos + _rotate_half(q) * sin  # [Hq, T, D]
             k = k * cos + _rotate_half(k) * sin  # [Hkv, T, D]
             attn = kv.attend(i, q, k, v)  # [Hq, T, D]
-            x = x + F.linear(attn.transpose(0, 1).reshape(T, s.num_heads * s.head_dim), w["o"], w["o_bias"])
+            x = x + linear(attn.transpose(0, 1).reshape(T, q_rows), w["o"], w["o_bias"])
             h = self._rms_norm(x, w["ln2"])
-            gated = F.silu(F.linear(h, w["gate"], w["gate_bias"])) * F.linear(h, w["up"], w["up_bias"])
-            x = x + F.linear(gated, w["down"], w["down_bias"])
+            gate, up = linear(h, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, w["down"], w["down_bias"])
         kv.commit(T)
         return self._rms_norm(x, self.norm)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> float32 logits [T, vocab]."""
-        return F.linear(hidden, self.lm_head).float()
+        return linear(hidden, self.lm_head).float()

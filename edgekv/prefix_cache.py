@@ -36,7 +36,8 @@ def document_prefix(engine, document: str) -> list[int]:
 def layout_tag(engine) -> str:
     """Everything besides model, tokens and block size that decides the cached bytes."""
     p = engine.policy
-    return f"kv{p.kv_bits}-window{p.recent_window}-{str(engine.dtype).removeprefix('torch.')}"
+    dtypes = "-".join(str(t).removeprefix("torch.") for t in (engine.dtype, engine.weight_dtype))
+    return f"kv{p.kv_bits}-window{p.recent_window}-{dtypes}"
 
 
 def warm_prefix(engine, cache: DocumentCache, prefix: list[int],
