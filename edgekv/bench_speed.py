@@ -100,8 +100,10 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
     if max(contexts) + decode_tokens > first.max_context:
         raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
     reference = AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
+    weights, activations = (str(t).removeprefix("torch.") for t in (first.weight_dtype, first.dtype))
     print(f"bench speed: {first.model_name} on {first.device} ({torch.get_num_threads()} threads), "
-          f"{decode_tokens} decode tokens per context", file=sys.stderr)
+          f"{decode_tokens} decode tokens per context; edgekv weights {weights} with {activations} "
+          f"activations, transformers all {activations}", file=sys.stderr)
     warm = prompt_ids(first.tokenizer, 64)
     for engine in engines.values():
         time_edgekv(engine, warm, 4)

@@ -72,6 +72,7 @@ def test_empty_prompt(doc):
     ("--block-size", "0", "block_size"),
     ("--device", "tpu", "device"),
     ("--dtype", "float8", "dtype"),
+    ("--weight-dtype", "int4", "weight_dtype"),
     ("--truncate", "sideways", "sideways"),
 ])
 def test_invalid_option_values(doc, option, value, needle):

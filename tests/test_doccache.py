@@ -458,3 +458,18 @@ def test_cli_prune_understands_sizes(cache, text, expected, monkeypatch):
     result = runner.invoke(cache_app, ["prune", "--max-size", text, "--dir", str(cache.root)])
     assert result.exit_code == 0, result.output
     assert seen == [expected]
+
+
+def test_the_layout_tag_tells_weight_precisions_apart():
+    """Prefill KV depends on the stored weights' precision: a cached document made with
+    fp32 weights is not reused by an engine with fp16 weights (and vice versa)."""
+    from types import SimpleNamespace
+
+    from edgekv.config import Policy
+    from edgekv.prefix_cache import layout_tag
+
+    def tag(weights: torch.dtype, kv_bits: int = 4) -> str:
+        return layout_tag(SimpleNamespace(policy=Policy(kv_bits=kv_bits), dtype=torch.float32, weight_dtype=weights))
+
+    assert len({tag(torch.float16), tag(torch.float32), tag(torch.float16, kv_bits=8)}) == 3
+    assert tag(torch.float16) == tag(torch.float16)
