@@ -85,7 +85,7 @@ DeviceCacheOpt = typer.Option(None, "--device-cache", help="Device (GPU, or RAM 
 RamOpt = typer.Option(None, "--ram", help="Host RAM budget for KV blocks, e.g. 4GiB; colder blocks spill to disk.")
 DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (default: the edgekv cache folder).")
 DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
-KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, torch on CPU), triton, or torch.")
+KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, numba on CPU), triton, numba or torch.")
 BudgetOpt = typer.Option(None, "--budget", help="Tokens each decode step attends: 2048, 10% or all (default).")
 ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: keys4 (default), minmax or mean.")
 SinkOpt = typer.Option(None, "--sink-blocks", help="First blocks every step attends (default 1).")

@@ -15,7 +15,7 @@ from .errors import EdgekvError
 KV_BITS = (2, 4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch", "numba")
 SCORER_NAMES = ("keys4", "minmax", "mean")  # the registry of edgekv.selection
 
 
@@ -76,8 +76,9 @@ class Policy:
     speculate: request layer l+1's blocks from an approximate query made at layer l
         (True, False, or "auto": on with CUDA, where the prefetch overlaps PCIe
         transfers; off on the CPU, where it would only add a second scoring pass).
-    kernels: attention/compression kernels of the offloaded cache: "triton", "torch"
-        (the reference twins) or "auto" (Triton on CUDA, torch on the CPU).
+    kernels: attention/compression kernels of the offloaded cache: "triton", "numba"
+        (compiled CPU kernels for block scoring and sparse attention), "torch" (the
+        reference twins) or "auto" (Triton on CUDA, numba on the CPU).
     threads: CPU threads for torch (0 = torch's default).
     """
 

@@ -50,21 +50,22 @@ class Scorer:
     width: Callable[[BlockCodec], tuple[int, torch.dtype]]
 
 
-def _key_codec(codec: BlockCodec) -> BlockCodec:
+def key_copy_codec(codec: BlockCodec) -> BlockCodec:
+    """The layout of the keys4 scorer's key copies: 4-bit keys of codec's blocks."""
     return BlockCodec(bits=4, block_size=codec.block_size, head_dim=codec.head_dim)
 
 
 def _keys4_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
-    c4 = _key_codec(codec)
+    c4 = key_copy_codec(codec)
     return key_copy(compress_blocks(keys, keys, c4, backend=backend).rows, c4)
 
 
 def _keys4_score(q: torch.Tensor, summary: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
-    return score_blocks(q, summary, _key_codec(codec), backend=backend)
+    return score_blocks(q, summary, key_copy_codec(codec), backend=backend)
 
 
 def _keys4_width(codec: BlockCodec) -> tuple[int, torch.dtype]:
-    return key_copy_bytes(_key_codec(codec)), torch.uint8
+    return key_copy_bytes(key_copy_codec(codec)), torch.uint8
 
 
 def _minmax_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:

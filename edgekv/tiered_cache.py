@@ -36,11 +36,11 @@ import torch
 
 from .attention import dense_attention
 from .errors import BudgetError
-from .kernels import compress_blocks, sparse_decode_attention
+from .kernels import compress_blocks, sparse_decode_attention, warm_up
 from .kernels.rope import rotate_keys
 from .quant import BlockCodec
 from .rotation import rotate, value_rotation
-from .selection import SCORERS, BlockSummaries, SelectionCounters, budget_blocks, select_blocks
+from .selection import SCORERS, BlockSummaries, SelectionCounters, budget_blocks, key_copy_codec, select_blocks
 from .sizes import format_size
 from .tiers import TierStore, check_budgets
 
@@ -85,6 +85,8 @@ class TieredKVCache:
                                         backend=kernels)
         self.counters = SelectionCounters()
         self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False)
+        warm_up(self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads, num_kv_heads=num_kv_heads,
+                backend=kernels, device=device)
 
     def configure_selection(self, *, budget: int | str, sink_blocks: int, dense_layers: int,
                             speculate: bool) -> None:

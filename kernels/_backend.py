@@ -1,14 +1,17 @@
 """Backend choice and the checks every kernel wrapper shares.
 
 Every kernel in `edgekv.kernels` comes as a pair with one signature: a torch reference
-twin (any device, the CPU production path) and a Triton kernel (CUDA, or Triton's
-interpreter on CPU tensors when ``TRITON_INTERPRET=1`` was set before the Triton module
-was first imported). The public function of each module picks one by ``backend``:
+twin (any device) and a Triton kernel (CUDA, or Triton's interpreter on CPU tensors when
+``TRITON_INTERPRET=1`` was set before the Triton module was first imported). The two
+kernels of a sparse decode step, `score_blocks` and `sparse_decode_attention`, also
+have a compiled CPU kernel (numba, ``*_numba.py``). The public function of each module
+picks one by ``backend``:
 
 - ``"torch"``: the twin;
-- ``"triton"``: the kernel (its module, and Triton itself, are imported on first use);
-- ``"auto"``: the kernel when every tensor argument is on CUDA and Triton imports,
-  else the twin.
+- ``"triton"``: the Triton kernel (its module, and Triton itself, imported on first use);
+- ``"numba"``: the compiled CPU kernel where there is one, else the twin;
+- ``"auto"``: Triton when every tensor argument is on CUDA and Triton imports; numba
+  when every tensor is on the CPU and numba imports; else the twin.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 from edgekv.errors import EdgekvError
 from edgekv.quant import BlockCodec
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 @functools.cache
@@ -35,23 +38,45 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def numba_available() -> bool:
+    """True when the ``numba`` package imports."""
+    try:
+        importlib.import_module("numba")
+    except Exception:  # noqa: BLE001 - any import failure means "no numba here"
+        return False
+    return True
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    """``"torch"`` or ``"triton"`` for a call on ``tensors`` (see the module docstring)."""
+    """``"torch"``, ``"triton"`` or ``"numba"`` for a call on ``tensors`` (see the module docstring)."""
     if backend not in BACKENDS:
         raise EdgekvError(f"unknown kernel backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        on_cuda = all(t.is_cuda for t in tensors)
-        return "triton" if on_cuda and triton_available() else "torch"
+        if all(t.is_cuda for t in tensors) and triton_available():
+            return "triton"
+        if all(t.device.type == "cpu" for t in tensors) and numba_available():
+            return "numba"
+        return "torch"
     if backend == "triton" and not triton_available():
         raise EdgekvError("the Triton backend needs the `triton` package: pip install triton "
                           "(or use backend='torch')")
+    if backend == "numba":
+        if not numba_available():
+            raise EdgekvError("the numba backend needs the `numba` package: pip install numba (or use backend='torch')")
+        if any(t.device.type != "cpu" for t in tensors):
+            raise EdgekvError("the numba kernels run on CPU tensors; on CUDA use backend='triton' or 'auto'")
     return backend
 
 
 def dispatch(backend: str, twin: Callable, triton_module: str, name: str,
-             tensors: tuple[torch.Tensor, ...]) -> Callable:
-    """The function to call: ``twin`` or ``name`` from ``edgekv.kernels.<triton_module>``."""
-    if resolve_backend(backend, *tensors) == "torch":
+             tensors: tuple[torch.Tensor, ...], numba_kernel: tuple[str, str] | None = None) -> Callable:
+    """The function to call: ``twin``, ``name`` from ``edgekv.kernels.<triton_module>``, or
+    the compiled CPU kernel ``numba_kernel = (module, name)`` (the twin where there is none)."""
+    chosen = resolve_backend(backend, *tensors)
+    if chosen == "numba" and numba_kernel is not None:
+        triton_module, name = numba_kernel
+    elif chosen != "triton":
         return twin
     module = importlib.import_module(f"edgekv.kernels.{triton_module}")
     return getattr(module, name)

@@ -45,9 +45,10 @@ def score_blocks(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *, comb
     q: [num_heads, head_dim] fp32/fp16/bf16. rows: [num_kv_heads, num_blocks, width]
     uint8: whole rows in ``codec``'s layout or key copies (`key_copy`).
     Returns [num_kv_heads, num_blocks] fp32.
-    backend: "auto" | "torch" | "triton" (`edgekv.kernels._backend`).
+    backend: "auto" | "torch" | "triton" | "numba" (`edgekv.kernels._backend`).
     """
-    fn = dispatch(backend, score_blocks_torch, "block_score_triton", "score_blocks_triton", (q, rows))
+    fn = dispatch(backend, score_blocks_torch, "block_score_triton", "score_blocks_triton", (q, rows),
+                  numba_kernel=("block_score_numba", "score_blocks_numba"))
     return fn(q, rows, codec, combine=combine)
 
 

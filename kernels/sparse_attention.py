@@ -12,9 +12,11 @@ recent tail, with one softmax over all of them:
 GQA: query heads ``h*group .. h*group+group-1`` share KV head ``h``. Block order does
 not matter (softmax is permutation-invariant), so "sink + top-k" can come in any order.
 
-Two implementations with one signature:
+Three implementations with one signature:
 - `sparse_decode_attention_torch` (the twin): decodes the rows with `BlockCodec.decode`
-  to fp32 and does exact softmax attention in fp32; the CPU production path.
+  to fp32 and does exact softmax attention in fp32; the reference.
+- `sparse_decode_attention_numba` (`sparse_attention_numba.py`): the same in one
+  compiled pass per KV head with an online softmax; the CPU production path.
 - `sparse_decode_attention_triton` (`sparse_attention_triton.py`): flash-decoding,
   dequantizing in registers; see the picture there.
 
@@ -62,7 +64,8 @@ def sparse_decode_attention(q: torch.Tensor, rows: torch.Tensor, codec: BlockCod
     Returns [num_heads, head_dim] in q's dtype (zeros for a head with no tokens).
     """
     fn = dispatch(backend, sparse_decode_attention_torch, "sparse_attention_triton",
-                  "sparse_decode_attention_triton", (q, rows, tail_k, tail_v))
+                  "sparse_decode_attention_triton", (q, rows, tail_k, tail_v),
+                  numba_kernel=("sparse_attention_numba", "sparse_decode_attention_numba"))
     return fn(q, rows, codec, tail_k, tail_v, num_valid=num_valid, sm_scale=sm_scale,
               split_blocks=split_blocks, block_ids=block_ids, rope_inv_freq=rope_inv_freq)
 

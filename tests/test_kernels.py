@@ -123,7 +123,7 @@ def test_unknown_backend_is_a_user_error():
 
 def test_auto_backend_follows_the_device():
     t = torch.zeros(1)
-    assert _backend.resolve_backend("auto", t) == "torch"
+    assert _backend.resolve_backend("auto", t) == ("numba" if _backend.numba_available() else "torch")
     if CUDA and HAS_TRITON:
         assert _backend.resolve_backend("auto", t.cuda()) == "triton"
 

@@ -1,0 +1,101 @@
+"""The compiled CPU kernels (numba) against their torch twins, on the twins' awkward shapes.
+
+Tolerances (max abs difference vs the twin; same data as `test_kernels`): block scores
+5e-4 (fp32 summation order); attention outputs 2e-5 with rotated keys, 2e-4 with keys
+before RoPE: the kernel builds each token's rotation from its block start and offset
+(angle-sum formulas) where the twin rounds ``position * inv_freq`` to fp32 first; at
+positions up to 8K that rounding is at most ~2.5e-4 rad.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgekv.errors import EdgekvError
+from edgekv.kernels import _backend
+from edgekv.kernels.block_score import key_copy, score_blocks
+from edgekv.kernels.sparse_attention import sparse_decode_attention
+from edgekv.quant import BlockCodec
+
+from test_kernels import ATTN_CASES, ROPE_CASES, SCORE_CASES, case_id, make_block_ids, make_kv, make_q, make_rows
+
+pytestmark = pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
+
+SCORE_ATOL = 5e-4
+ATTN_ATOL = {torch.float32: 2e-5, torch.float16: 6e-3, torch.bfloat16: 5e-2}
+ROPE_ATOL = {torch.float32: 2e-4, torch.float16: 6e-3, torch.bfloat16: 5e-2}
+
+
+def cpu(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.cpu() for t in tensors)
+
+
+def twin_and_numba(fn, *args, **kwargs):
+    return fn(*args, backend="torch", **kwargs), fn(*args, backend="numba", **kwargs)
+
+
+def test_auto_picks_numba_on_the_cpu_and_numba_refuses_cuda_tensors():
+    assert _backend.resolve_backend("auto", torch.zeros(1)) == "numba"
+    assert _backend.resolve_backend("numba", torch.zeros(1)) == "numba"
+    if torch.cuda.is_available():
+        with pytest.raises(EdgekvError, match="CPU tensors"):
+            _backend.resolve_backend("numba", torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.parametrize("nb,d,group,bits,block_size,dtype", SCORE_CASES, ids=case_id)
+def test_score_blocks_numba_matches_twin(nb, d, group, bits, block_size, dtype):
+    codec = BlockCodec(bits, block_size, d)
+    hkv = 2
+    rows, _, _ = cpu(*make_rows(codec, hkv, nb, nb + d))
+    q = make_q(hkv * group, d, dtype, group).cpu()
+    for combine in ("max", "sum"):
+        want, got = twin_and_numba(score_blocks, q, rows, codec, combine=combine)
+        assert got.shape == (hkv, nb) and got.dtype == torch.float32
+        assert (got - want).abs().max().item() <= SCORE_ATOL * max(1.0, want.abs().max().item() / 100), combine
+    copy = key_copy(rows, codec)  # key copies (the form selection keeps) score the same as whole rows
+    torch.testing.assert_close(score_blocks(q, copy, codec, backend="numba"),
+                               score_blocks(q, rows, codec, backend="numba"), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ksel,tail,d,group,bits,block_size,dtype,split", ATTN_CASES, ids=case_id)
+def test_sparse_attention_numba_matches_twin(ksel, tail, d, group, bits, block_size, dtype, split):
+    codec = BlockCodec(bits, block_size, d)
+    hkv = 2
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, ksel * 7 + tail))
+    tk, tv = (x.to(dtype) for x in make_kv(hkv, tail, d, tail + 1))
+    q = make_q(hkv * group, d, dtype, d + group).cpu()
+    want, got = twin_and_numba(sparse_decode_attention, q, rows, codec, tk, tv, split_blocks=split)
+    assert got.shape == (hkv * group, d) and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() <= ATTN_ATOL[dtype]
+
+
+@pytest.mark.parametrize("ksel,tail,d,group,bits,block_size,dtype,split,top",
+                         [c for c in ROPE_CASES if c[-1] * c[5] <= 8192], ids=case_id)
+def test_sparse_attention_numba_rotates_keys_like_the_twin(ksel, tail, d, group, bits, block_size, dtype, split, top):
+    codec = BlockCodec(bits, block_size, d)
+    hkv = 2
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, ksel * 5 + tail))
+    tk, tv = (x.to(dtype) for x in make_kv(hkv, tail, d, tail + 2))
+    q = make_q(hkv * group, d, dtype, d + group + 1).cpu()
+    ids = make_block_ids(hkv, ksel, ksel + d, top, torch.int32 if ksel % 2 else torch.int64).cpu()
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    want, got = twin_and_numba(sparse_decode_attention, q, rows, codec, tk, tv, block_ids=ids, rope_inv_freq=inv)
+    assert got.shape == (hkv * group, d) and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() <= ROPE_ATOL[dtype]
+
+
+@pytest.mark.parametrize("num_valid", [0, 5, "per_head"])
+def test_sparse_attention_numba_skips_blocks_past_num_valid(num_valid):
+    codec = BlockCodec(4, 16, 64)
+    hkv, ksel, group = 3, 7, 2
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, 20))
+    tk, tv = make_kv(hkv, 5, 64, 21)
+    if num_valid == "per_head":
+        num_valid = torch.tensor([7, 0, 2], dtype=torch.int32)
+    q = make_q(hkv * group, 64, torch.float32, 22).cpu()
+    want, got = twin_and_numba(sparse_decode_attention, q, rows, codec, tk, tv, num_valid=num_valid)
+    assert (got - want).abs().max().item() <= ATTN_ATOL[torch.float32]
+    empty = torch.empty(hkv, 0, 64)
+    nothing = sparse_decode_attention(q, rows, codec, empty, empty, num_valid=0, backend="numba")
+    assert torch.equal(nothing, torch.zeros_like(nothing))  # no tokens at all: zeros, as the twin
