@@ -29,23 +29,21 @@ BACKENDS = ("auto", "torch", "triton", "numba")
 
 
 @functools.cache
+def package_available(name: str) -> bool:
+    """True when the package ``name`` imports."""
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
 def triton_available() -> bool:
-    """True when the ``triton`` package imports."""
-    try:
-        importlib.import_module("triton")
-    except Exception:  # noqa: BLE001 - any import failure means "no triton here"
-        return False
-    return True
+    return package_available("triton")
 
 
-@functools.cache
 def numba_available() -> bool:
-    """True when the ``numba`` package imports."""
-    try:
-        importlib.import_module("numba")
-    except Exception:  # noqa: BLE001 - any import failure means "no numba here"
-        return False
-    return True
+    return package_available("numba")
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
