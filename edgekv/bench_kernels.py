@@ -1,7 +1,8 @@
 """`edgekv bench kernels`: each kernel of `edgekv.kernels` timed against its torch twin.
 
-Per kernel: median wall time of the torch twin and of the Triton kernel, the speedup,
-and the bandwidth each achieved (bytes the kernel must read, plus write for compress
+Per kernel: median wall time of the torch twin, of the Triton kernel and (block scoring
+and sparse attention on the CPU) of the compiled numba kernel, the Triton speedup, and
+the bandwidth each achieved (bytes the kernel must read, plus write for compress
 and gather, divided by its time). Sparse attention is also compared with dense
 ``scaled_dot_product_attention`` over the full 16-bit K/V of the same context: the
 speed a sparse decode step buys.
@@ -83,13 +84,14 @@ def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callabl
 
 
 def _row(kernel: str, shape: str, nbytes: int, torch_s: float, triton_s: float | None,
-         dense_s: float | None = None, note: str = "") -> dict:
+         dense_s: float | None = None, note: str = "", numba_s: float | None = None) -> dict:
     def gbps(seconds: float | None) -> float | None:
         return nbytes / seconds / 1e9 if seconds else None
 
     return {
         "kernel": kernel, "shape": shape, "bytes": nbytes,
         "torch_ms": torch_s * 1e3, "triton_ms": None if triton_s is None else triton_s * 1e3,
+        "numba_ms": None if numba_s is None else numba_s * 1e3,
         "speedup": None if triton_s is None else torch_s / triton_s,
         "torch_gbps": gbps(torch_s), "triton_gbps": gbps(triton_s),
         "dense_ms": None if dense_s is None else dense_s * 1e3,
@@ -133,6 +135,12 @@ def run_kernel_bench(*, device: str = "cpu", shapes: str = "small", context: int
     return rows_out
 
 
+def _numba_runs(dev: torch.device) -> bool:
+    from edgekv.kernels._backend import numba_available
+
+    return dev.type == "cpu" and numba_available()
+
+
 def _triton_importable() -> bool:
     from edgekv.kernels._backend import triton_available
 
@@ -165,7 +173,9 @@ def _bench_scores(shape, dev, dtype, measure, triton_ok, note) -> list[dict]:
     nbytes = keys.numel()
     t_torch = measure(lambda: score_blocks(q, keys, codec, backend="torch"))
     t_triton = measure(lambda: score_blocks(q, keys, codec, backend="triton")) if triton_ok else None
-    out = [_row("block_score (4-bit key copy)", f"{hkv}x{nb} blocks", nbytes, t_torch, t_triton, note=note)]
+    t_numba = measure(lambda: score_blocks(q, keys, codec, backend="numba")) if _numba_runs(dev) else None
+    out = [_row("block_score (4-bit key copy)", f"{hkv}x{nb} blocks", nbytes, t_torch, t_triton, note=note,
+                numba_s=t_numba)]
     kmin = torch.randn(hkv, nb, d, device=dev).half()
     kmax = kmin + 1
     nbytes = 2 * kmin.numel() * 2
@@ -191,6 +201,9 @@ def _bench_attention(shape, dev, dtype, measure, triton_ok, note) -> list[dict]:
     t_triton = None
     if triton_ok:
         t_triton = measure(lambda: sparse_decode_attention(q, rows, codec, tail_k, tail_v, backend="triton"))
+    t_numba = None
+    if _numba_runs(dev):
+        t_numba = measure(lambda: sparse_decode_attention(q, rows, codec, tail_k, tail_v, backend="numba"))
     # dense baseline: every token of the context, 16-bit K/V (fp32 on CPU unless asked)
     k = torch.randn(1, hkv, shape.context, d, device=dev, dtype=dtype)
     v = torch.randn_like(k)
@@ -198,7 +211,8 @@ def _bench_attention(shape, dev, dtype, measure, triton_ok, note) -> list[dict]:
     t_dense = measure(lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True))
     label = f"{ksel} blocks + {shape.tail} tail"
     dense_bytes = 2 * k.numel() * k.element_size()
-    return [_row("sparse_attention", label, nbytes, t_torch, t_triton, dense_s=t_dense, note=note),
+    return [_row("sparse_attention", label, nbytes, t_torch, t_triton, dense_s=t_dense, note=note,
+                 numba_s=t_numba),
             _row("dense SDPA (baseline)", f"all {shape.context} tokens", dense_bytes, t_dense, None)]
 
 
@@ -241,17 +255,19 @@ def format_table(rows: list[dict], shape: BenchShape, dev: torch.device, dtype: 
     def num(x: float | None, fmt: str) -> str:
         return "-" if x is None else format(x, fmt)
 
-    head = (f"{'kernel':<30} {'shape':<32} {'MB':>8} {'torch ms':>9} {'triton ms':>9} "
+    head = (f"{'kernel':<30} {'shape':<32} {'MB':>8} {'torch ms':>9} {'numba ms':>9} {'triton ms':>9} "
             f"{'speedup':>7} {'torch GB/s':>10} {'triton GB/s':>11} {'dense ms':>9} {'vs dense':>8}")
     lines = [f"kernel bench on {dev} — {_label(shape, dtype)}", head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['kernel']:<30} {r['shape']:<32} {r['bytes'] / 1e6:>8.2f} {num(r['torch_ms'], '.3f'):>9} "
+            f"{num(r['numba_ms'], '.3f'):>9} "
             f"{num(r['triton_ms'], '.3f'):>9} {num(r['speedup'], '.2f'):>7} {num(r['torch_gbps'], '.2f'):>10} "
             f"{num(r['triton_gbps'], '.2f'):>11} {num(r['dense_ms'], '.3f'):>9} {num(r['vs_dense'], '.1f'):>8}")
     notes = sorted({r["note"] for r in rows if r["note"]})
     if notes:
         lines.append("triton column: " + "; ".join(notes) + " (run with --device cuda on a CUDA machine)")
     lines.append("MB: bytes each kernel must move (read; + written for compress and gather). "
-                 "vs dense: dense SDPA over the whole context's 16-bit K/V, time / sparse time.")
+                 "vs dense: dense SDPA over the whole context's 16-bit K/V, time / sparse time "
+                 "(Triton's, else the twin's). numba: the compiled CPU kernels, where there is one.")
     return "\n".join(lines)

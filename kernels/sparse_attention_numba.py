@@ -71,7 +71,8 @@ def _kernel(bits: int):
         cos/sin_offset [B, D/2] (used when rotate); tail_k, tail_v [H, L, D] f32; out [H, G, D]."""
         num_heads, group, d = q.shape
         block_size, half = cos_offset.shape[0], d // 2
-        value_group = d // v_scale.shape[3]
+        num_groups = v_scale.shape[3]
+        value_group = d // num_groups
         k = np.empty((block_size, d), np.float32)
         v = np.empty((block_size, d), np.float32)
         s = np.empty((group, max(block_size, 64)), np.float32)
@@ -104,13 +105,15 @@ def _kernel(bits: int):
                         for c in range(d):
                             dot += q[h, g, c] * k[t, c]
                         s[g, t] = dot
-                for t in range(block_size):  # values: per token and channel group
+                for t in range(block_size):  # values: codes, then per token and channel group
                     for i in range(d // cpb):
                         byte = v_codes[h, j, t * (d // cpb) + i]
                         for b in range(cpb):
-                            c = i * cpb + b
-                            grp = c // value_group
-                            v[t, c] = np.float32((byte >> (bits * b)) & mask) * v_scale[h, j, t, grp] + v_zero[h, j, t, grp]
+                            v[t, i * cpb + b] = np.float32((byte >> (bits * b)) & mask)
+                    for grp in range(num_groups):
+                        sc, zr = v_scale[h, j, t, grp], v_zero[h, j, t, grp]
+                        for c in range(grp * value_group, (grp + 1) * value_group):
+                            v[t, c] = v[t, c] * sc + zr
                 fold(s, v, block_size, m, total, acc)
             chunk = s.shape[1]
             for start in range(0, tail_k.shape[1], chunk):

@@ -680,6 +680,8 @@ def test_kernel_bench_runs_and_reports(capsys):
     for r in rows:
         assert r["torch_ms"] > 0 and r["bytes"] > 0
         assert (r["triton_ms"] is None) == (not CUDA or r["kernel"].startswith("dense"))
+        has_numba_kernel = r["kernel"].startswith(("block_score", "sparse_attention"))
+        assert (r["numba_ms"] is not None) == (has_numba_kernel and not CUDA and _backend.numba_available())
     table = capsys.readouterr().out
     assert "sparse_attention" in table and ("needs a GPU" in table) == (not CUDA)
     with pytest.raises(EdgekvError, match="unknown kernel bench shapes"):
