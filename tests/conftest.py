@@ -13,9 +13,16 @@ os.environ.setdefault("EDGEKV_DOC_CACHE_DIR", tempfile.mkdtemp(prefix="edgekv-te
 
 import pytest
 import torch
+from hypothesis import settings
 
 import edgekv
 from edgekv.loader import resolve_model
+
+# Property tests draw the same examples on every run (a suite that passes, passes again);
+# HYPOTHESIS_PROFILE=explore searches fresh random examples each run.
+settings.register_profile("reproducible", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
