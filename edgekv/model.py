@@ -188,8 +188,7 @@ class Decoder(torch.nn.Module):
         self.lm_head = matrix(self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size))
         inv_freq, self.rope_scale = rope_inverse_frequencies(config)
         self.inv_freq = inv_freq.to(device)
-        self.dtype, self.weight_dtype, self.device = dtype, weight_dtype, device
-        self.q_rows = q_rows
+        self.dtype, self.device = dtype, device
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         x32 = x.to(torch.float32)
@@ -212,7 +211,7 @@ class Decoder(torch.nn.Module):
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions)
         speculating = T == 1 and getattr(kv, "speculating", False)
-        q_rows, kv_rows = self.q_rows, s.num_kv_heads * s.head_dim
+        q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["ln1"])
             if speculating and i + 1 < len(self.layers):

@@ -32,7 +32,7 @@ from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows
 from .rope import rope_cos_sin
-from .sparse_attention import check_attention_args, sparse_decode_attention_torch
+from .sparse_attention import check_attention_args, sparse_decode_attention_torch, valid_block_mask
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -147,14 +147,8 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
         return sparse_decode_attention_torch(q, rows, codec, tail_k, tail_v, num_valid=num_valid, sm_scale=sm_scale,
                                              block_ids=block_ids, rope_inv_freq=rope_inv_freq)
     scale = d**-0.5 if sm_scale is None else sm_scale
-    if num_valid is None:
-        valid = torch.full((hkv,), ksel, dtype=torch.int64)
-    elif isinstance(num_valid, torch.Tensor):
-        if num_valid.shape != (hkv,):
-            raise ValueError(f"num_valid must be a [{hkv}] int tensor (got {tuple(num_valid.shape)})")
-        valid = num_valid.to(torch.int64).clamp(0, ksel)
-    else:
-        valid = torch.full((hkv,), min(max(int(num_valid), 0), ksel), dtype=torch.int64)
+    mask = valid_block_mask(num_valid, hkv, ksel, rows.device)  # the twin's check and meaning
+    valid = torch.full((hkv,), ksel, dtype=torch.int64) if mask is None else mask.sum(dim=1)  # blocks per head
     rows = aligned_rows(rows, codec, 3)
     seg = {name: rows[..., s:e] for name, (s, e) in codec.offsets.items()}
     v_meta = (hkv, ksel, b, codec.num_groups)
