@@ -243,8 +243,8 @@ class BlockCodec:
         written into ``buf`` (fp32, contiguous, ``n * block_size * head_dim`` elements)
         when given.
 
-        Bitwise results go straight into the float buffer (one pass per code position
-        within a byte), which is the fast path on CPU.
+        Bitwise results go straight into the float buffer on the CPU (one pass per code
+        position within a byte, the fast path there); on CUDA through a uint8 temporary.
         """
         n, cpb, mask = packed.shape[0], self.codes_per_byte, (1 << self.bits) - 1
         length, padded = self.block_size * self.head_dim, self.code_bytes * cpb
@@ -257,8 +257,10 @@ class BlockCodec:
             shifted = packed >> (self.bits * j) if j else packed
             if j == cpb - 1:  # the top code needs no mask
                 slots[..., j].copy_(shifted)
-            else:
+            elif packed.is_cpu:  # the CPU writes the integer result straight into floats
                 torch.bitwise_and(shifted, mask, out=slots[..., j])
+            else:  # CUDA's bitwise kernels have no float output
+                slots[..., j].copy_(shifted & mask)
         if padded == length:
             return codes
         if buf is None:
