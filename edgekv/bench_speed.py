@@ -1,13 +1,18 @@
 """`edgekv bench speed`: prefill and decode speed of edgekv vs transformers, in one run.
 
 Both run the same model files, the same token ids and the same greedy decoding on the
-same device and threads; the engines alternate per context so background load hits both.
+same device and threads. At each context the engines decode in turns of a few tokens
+(`run_in_turns`, all in one thread: torch ops ran 1.5-4x slower in a second Python
+thread here), each timed only while it runs. On a shared machine the speed drifts by
+tens of percent over seconds to minutes; timed one after another, two engines would see
+different machines and their ratio would carry that drift.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Generator
 from pathlib import Path
 
 import torch
@@ -36,41 +41,75 @@ def prompt_ids(tokenizer, length: int) -> list[int]:
     return ids[:length]
 
 
-class _TokenClock:
-    """A transformers streamer that timestamps each token generate() emits."""
+def run_in_turns(runners: dict[str, Generator], turn_tokens: int) -> dict[str, dict]:
+    """Advance `runners` (name -> generator: each next() one unit of work, the figures
+    as its return value) in turns of `turn_tokens` steps, in this thread, until all end."""
+    if turn_tokens < 1:
+        raise ValueError("turn_tokens must be >= 1")
+    results: dict[str, dict] = {}
+    active = dict(runners)
+    while active:
+        for name, runner in list(active.items()):
+            for _ in range(turn_tokens):
+                try:
+                    next(runner)
+                except StopIteration as done:
+                    results[name] = done.value
+                    del active[name]
+                    break
+    return results
 
-    def __init__(self) -> None:
-        self.times: list[float] = []
 
-    def put(self, value) -> None:
-        self.times.append(time.perf_counter())
+def transformers_runner(model, ids: list[int], decode_tokens: int) -> Generator[None, None, dict]:
+    """Greedy decoding with transformers' model and its DynamicCache, one token per step
+    (the first step prefills): what its generate runs per token, without the loop around it."""
+    from transformers import DynamicCache
 
-    def end(self) -> None:
-        pass
-
-
-def time_transformers(model, ids: list[int], decode_tokens: int) -> dict:
-    """Prefill and decode speed of transformers' generate (DynamicCache, greedy)."""
-    clock = _TokenClock()
-    inputs = torch.tensor([ids], device=model.device)
+    cache = DynamicCache()
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=decode_tokens,
-                       min_new_tokens=decode_tokens, do_sample=False, streamer=clock, pad_token_id=0)
-    # times[0]: the prompt is handed over; times[1]: first new token; times[-1]: last token
-    ttft = clock.times[1] - start
-    decode_s = clock.times[-1] - clock.times[1]
-    return {"prefill_tok_s": len(ids) / ttft, "decode_tok_s": (len(clock.times) - 2) / decode_s, "ttft_s": ttft}
+        out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
+        token = out.logits[0, -1].argmax()
+    ttft = time.perf_counter() - start
+    decode_s = 0.0
+    for _ in range(decode_tokens - 1):
+        yield
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+            token = out.logits[0, -1].argmax()
+        decode_s += time.perf_counter() - start
+    return {"prefill_tok_s": len(ids) / ttft, "ttft_s": ttft,
+            "decode_tok_s": (decode_tokens - 1) / decode_s if decode_s > 0 else 0.0}
 
 
-def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
+def edgekv_runner(engine, ids: list[int], decode_tokens: int) -> Generator[None, None, dict]:
+    """`Engine.stream` one token per step (the first step prefills), timed only while it runs."""
     engine.reset()
-    result = engine.generate(ids, max_new_tokens=decode_tokens, ignore_eos=True)
-    s = result.stats
-    out = {"prefill_tok_s": s["prefill_tok_s"], "decode_tok_s": s["decode_tok_s"], "ttft_s": s["ttft_s"]}
+    steps = engine.stream(ids, max_new_tokens=decode_tokens, ignore_eos=True)
+    next(steps)  # prefill and the first token
+    decode_s = 0.0
+    while True:
+        yield
+        start = time.perf_counter()
+        try:
+            next(steps)
+        except StopIteration as done:
+            result = done.value
+            break
+        finally:
+            decode_s += time.perf_counter() - start
+    s, steps_run = result.stats, len(result.token_ids) - 1  # the first token comes from the prefill
+    out = {"prefill_tok_s": s["prefill_tok_s"], "ttft_s": s["ttft_s"],
+           "decode_tok_s": steps_run / decode_s if steps_run > 0 and decode_s > 0 else 0.0}
     if s.get("decode_ms_per_token"):
         out["decode_ms_per_token"] = s["decode_ms_per_token"]
     return out
+
+
+def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
+    """`edgekv_runner` alone."""
+    return run_in_turns({"edgekv": edgekv_runner(engine, ids, decode_tokens)}, 1)["edgekv"]
 
 
 ENGINES = {"edgekv dense": {"offload": False}, "edgekv 4-bit tiers": {"kv_bits": 4}}
@@ -85,10 +124,14 @@ def engine_configs(budgets: list[int | str]) -> dict[str, dict]:
     return configs
 
 
+TURN_TOKENS = 2  # decode tokens an engine runs before the next one takes its turn
+
+
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
                     threads: int | None, budgets: list[int | str] = ()) -> list[dict]:
-    """Time transformers and each edgekv configuration at every context; print ratios
-    to transformers, and of each sparse budget to edgekv dense."""
+    """Time transformers and each edgekv configuration at every context, taking turns
+    (see the module doc); print ratios to transformers, and of each sparse budget to
+    edgekv dense."""
     from transformers import AutoModelForCausalLM
 
     from .engine import load
@@ -96,27 +139,32 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
     if threads:
         torch.set_num_threads(threads)
     engines = {name: load(model, progress=False, **policy) for name, policy in engine_configs(budgets).items()}
+    ceiling = load(model, progress=False, **ENGINES["edgekv dense"])  # dense over a short context, in turn with the rest
     first = next(iter(engines.values()))
     if max(contexts) + decode_tokens > first.max_context:
         raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
     reference = AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
     weights, activations = (str(t).removeprefix("torch.") for t in (first.weight_dtype, first.dtype))
     print(f"bench speed: {first.model_name} on {first.device} ({torch.get_num_threads()} threads), "
-          f"{decode_tokens} decode tokens per context; edgekv weights {weights} with {activations} "
-          f"activations, transformers all {activations}", file=sys.stderr)
-    warm = prompt_ids(first.tokenizer, 64)
-    for engine in engines.values():
-        time_edgekv(engine, warm, 4)
-    time_transformers(reference, warm, 4)
-    # decode over a short context: what a step costs besides long-context attention
-    floor_tok_s = time_edgekv(engines["edgekv dense"], prompt_ids(first.tokenizer, 64), decode_tokens)["decode_tok_s"]
+          f"{decode_tokens} decode tokens per context, engines taking turns every {TURN_TOKENS}; "
+          f"edgekv weights {weights} with {activations} activations, transformers all {activations}",
+          file=sys.stderr)
+    short = prompt_ids(first.tokenizer, 64)
+    for engine in (*engines.values(), ceiling):
+        time_edgekv(engine, short, 4)
+    run_in_turns({"warm-up": transformers_runner(reference, short, 4)}, 1)
     rows = []
     for n in contexts:
         ids = prompt_ids(first.tokenizer, n)
-        row = {"context": n, "transformers": time_transformers(reference, ids, decode_tokens)}
+        runners = {"transformers": transformers_runner(reference, ids, decode_tokens)}
         for name, engine in engines.items():
-            row[name] = time_edgekv(engine, ids, decode_tokens)
-            engine.reset()  # free this context's KV before the next engine runs
+            runners[name] = edgekv_runner(engine, ids, decode_tokens)
+        # decode over a short context: what a step costs besides long-context attention
+        runners["ceiling"] = edgekv_runner(ceiling, short, decode_tokens)
+        row = {"context": n, **run_in_turns(runners, TURN_TOKENS)}
+        floor_tok_s = row.pop("ceiling")["decode_tok_s"]
+        for name, engine in engines.items():
+            engine.reset()  # free this context's KV before the next context
             for key in ("prefill_tok_s", "decode_tok_s"):
                 row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
             row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"]
@@ -124,7 +172,7 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
         row["ceiling_vs_dense"] = floor_tok_s / row["edgekv dense"]["decode_tok_s"]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
-    for engine in engines.values():
+    for engine in (*engines.values(), ceiling):
         engine.close()
     print(format_table(rows, list(engines)))
     write_plot(rows, plot, list(engines))

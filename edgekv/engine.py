@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -271,7 +271,6 @@ class Engine:
         nll = torch.stack(nll).cpu()
         return (nll, torch.stack(best).cpu()) if argmax else nll
 
-    @torch.inference_mode()
     def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] | None = None, on_token: OnToken | None = None,
@@ -283,6 +282,25 @@ class Engine:
         on_token(piece) is called with each new piece of text; returning False stops
         at once (finish_reason "cancelled"). on_progress(done, total) reports prefill tokens.
         """
+        steps = self.stream(prompt_or_messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_p=top_p, seed=seed, stop=stop, on_progress=on_progress, ignore_eos=ignore_eos)
+        try:
+            piece = next(steps)
+            while True:
+                go_on = not (piece and on_token and on_token(piece) is False)
+                piece = steps.send(go_on)
+        except StopIteration as done:
+            return done.value
+
+    def stream(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+               stop: Sequence[str] | None = None, on_progress: OnProgress | None = None,
+               ignore_eos: bool = False) -> Generator[str, bool | None, GenerateResult]:
+        """`generate` as a generator: prefills at the first ``next()``, then yields the new
+        piece of text of each token (possibly "", e.g. half a UTF-8 character) and runs
+        the next decode step when resumed; ``send(False)`` stops (finish_reason
+        "cancelled"). Its return value (``StopIteration.value``) is the `GenerateResult`;
+        its timings count the time the caller held the generator between tokens."""
         if max_new_tokens < 0:
             raise EdgekvError(f"invalid max_new_tokens {max_new_tokens}: must be >= 0")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -298,19 +316,20 @@ class Engine:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1)
 
-        t0 = time.perf_counter()
-        logits, reused = self.prefill(ids, on_progress)
-        t_prefill = time.perf_counter() - t0
-
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            logits, reused = self.prefill(ids, on_progress)
+            t_prefill = time.perf_counter() - t0
         stream, stops = TextStream(self.tokenizer), [s for s in (stop or []) if s]
         generated: list[int] = []
         finish, ttft, cut = "length", None, None
         self._reset_counters()  # traffic and selection figures cover the decode steps only
         t_decode0 = time.perf_counter()
         while len(generated) < max_new_tokens:
-            if generated:
-                logits = self._decode_step(generated[-1])
-            token = sample_next(logits.cpu(), temperature=temperature, top_p=top_p, generator=generator)
+            with torch.inference_mode():
+                if generated:
+                    logits = self._decode_step(generated[-1])
+                token = sample_next(logits.cpu(), temperature=temperature, top_p=top_p, generator=generator)
             if ttft is None:
                 ttft = time.perf_counter() - t0
             if token in self.eos_ids and not ignore_eos:
@@ -322,7 +341,7 @@ class Engine:
             if stops and (cut := find_stop(stream.text, stops, before)) is not None:
                 piece = stream.text[before:cut] if cut > before else ""
                 finish = "stop"
-            if piece and on_token and on_token(piece) is False:
+            if (yield piece) is False:
                 finish = "cancelled"
                 break
             if finish == "stop":
