@@ -67,6 +67,23 @@ def test_on_token_streams_the_text_and_false_cancels(tiny):
     assert len(cancelled.token_ids) < 10
 
 
+def test_stream_yields_one_piece_per_token_and_returns_what_generate_returns(tiny):
+    full = tiny.generate("Count.", max_new_tokens=10, ignore_eos=True)
+    steps = tiny.stream("Count.", max_new_tokens=10, ignore_eos=True)
+    pieces = []
+    with pytest.raises(StopIteration) as done:
+        while True:
+            pieces.append(next(steps))
+    assert len(pieces) == 10 and "".join(pieces) == full.text
+    assert done.value.value.token_ids == full.token_ids
+    steps = tiny.stream("Count.", max_new_tokens=10, ignore_eos=True)
+    next(steps), next(steps)
+    with pytest.raises(StopIteration) as stopped:
+        steps.send(False)
+    assert stopped.value.value.stats["finish_reason"] == "cancelled"
+    assert len(stopped.value.value.token_ids) == 2
+
+
 def test_stop_string_ends_generation_and_is_excluded(tiny):
     full = tiny.generate("Count.", max_new_tokens=20, ignore_eos=True)
     assert len(full.text) > 6
