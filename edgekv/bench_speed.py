@@ -68,7 +68,8 @@ def transformers_runner(model, ids: list[int], decode_tokens: int) -> Generator[
     cache = DynamicCache()
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True)
+        out = model(input_ids=torch.tensor([ids], device=model.device), past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)  # as generate does: no logits for the prompt's other positions
         token = out.logits[0, -1].argmax()
     ttft = time.perf_counter() - start
     decode_s = 0.0
