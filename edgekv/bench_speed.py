@@ -2,8 +2,10 @@
 
 Both run the same model files, the same token ids and the same greedy decoding on the
 same device and threads. At each context the engines decode in turns of a few tokens
-(`run_in_turns`, all in one thread: torch ops ran 1.5-4x slower in a second Python
-thread here), each timed only while it runs. On a shared machine the speed drifts by
+(`run_in_turns`), each timed only while it runs, all in the calling thread: torch's
+speed depends on which Python thread calls it (its OpenMP team is per thread; on an idle
+2-core machine a decode ran 2x slower in a second thread, under load it ran faster), so
+every engine runs under the same threading. On a shared machine the speed drifts by
 tens of percent over seconds to minutes; timed one after another, two engines would see
 different machines and their ratio would carry that drift.
 """
