@@ -110,11 +110,6 @@ def edgekv_runner(engine, ids: list[int], decode_tokens: int) -> Generator[None,
     return out
 
 
-def time_edgekv(engine, ids: list[int], decode_tokens: int) -> dict:
-    """`edgekv_runner` alone."""
-    return run_in_turns({"edgekv": edgekv_runner(engine, ids, decode_tokens)}, 1)["edgekv"]
-
-
 ENGINES = {"edgekv dense": {"offload": False}, "edgekv 4-bit tiers": {"kv_bits": 4}}
 
 
@@ -153,9 +148,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
           f"edgekv weights {weights} with {activations} activations, transformers all {activations}",
           file=sys.stderr)
     short = prompt_ids(first.tokenizer, 64)
-    for engine in (*engines.values(), ceiling):
-        time_edgekv(engine, short, 4)
-    run_in_turns({"warm-up": transformers_runner(reference, short, 4)}, 1)
+    warm_up = {name: edgekv_runner(engine, short, 4) for name, engine in {**engines, "ceiling": ceiling}.items()}
+    run_in_turns({**warm_up, "transformers": transformers_runner(reference, short, 4)}, 1)
     rows = []
     for n in contexts:
         ids = prompt_ids(first.tokenizer, n)
