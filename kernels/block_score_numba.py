@@ -7,13 +7,15 @@ key zero into a bias (``q . k[t] = (q * scale) . code[t] + q . zero``, as the tw
 and keeps the running maximum. Nothing of size ``num_blocks * block_size`` is ever
 materialized. Same scores as the twin up to fp32 summation order.
 
-At 4 bits (the default) a block's bytes are split into two tiles, low nibbles (even
-channels) and high nibbles (odd channels), by two plain passes that the compiler
-vectorizes, and the query is split the same way; unpacking into channel order converts
-code by code and made the scorer about 1.4x slower (0.41 vs 0.29 ms for 3 KV heads x
-250 blocks of 32 tokens at head_dim 64, one thread). The same split did not pay in the
-attention kernel (0.33 vs 0.29 ms: there a block's tile is reused by only a few dot
-products, and the permuted query, scales, tail and output cost more than it saved).
+The (KV head, block) pairs are split into chunks over `kernel_threads` threads; scales
+and zeros are read as fp16 words in place (`numba_support`). At 4 bits (the default) a
+block's bytes are split into two tiles, low nibbles (even channels) and high nibbles
+(odd channels), by two plain passes that the compiler vectorizes, and the query is split
+the same way; unpacking into channel order converts code by code and made the scorer
+about 1.4x slower (0.41 vs 0.29 ms for 3 KV heads x 250 blocks of 32 tokens at head_dim
+64, one thread). The same split did not pay in the attention kernel (0.33 vs 0.29 ms:
+there a block's tile is reused by only a few dot products, and the permuted query,
+scales, tail and output cost more than it saved).
 
 Compiled on first use (cached on disk by numba); 16-bit rows have no codes
 to unpack and go to the twin.
@@ -25,40 +27,53 @@ import functools
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, row_offsets
 from .block_score import check_combine, query_group, score_blocks_torch
+from .numba_support import half_to_float, kernel_threads, words
 
 
-@njit(fastmath=True, cache=True, nogil=True)
-def _score_nibbles(q, codes, scale, zero, block_size, out):
-    """The 4-bit scorer: `_kernel`'s arguments; the codes of token t are bytes t*D/2 .. with
-    channel 2i in the low and 2i+1 in the high nibble of byte i."""
+CHUNKS_PER_THREAD = 4  # work chunks per thread: blocks of one chunk may be cheaper than another's
+
+
+@njit(fastmath=True, cache=True, nogil=True, parallel=True)
+def _score_nibbles(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, out):
+    """The 4-bit scorer: `_kernel`'s arguments; the codes of token t are bytes k_off + t*D/2 ..
+    with channel 2i in the low and 2i+1 in the high nibble of byte i. (Segments are read
+    through slices: an index like ``row[k_off + i]`` may be negative for all numba knows,
+    and its wraparound check kept the loops scalar, 3-4x slower.)"""
     num_heads, group, d = q.shape
-    num_blocks = codes.shape[1]
+    num_blocks = rows.shape[1]
     width = d // 2  # code bytes per token
-    low = np.empty(block_size * width, np.float32)
-    high = np.empty(block_size * width, np.float32)
-    q_even = np.empty(width, np.float32)
-    q_odd = np.empty(width, np.float32)
-    for h in range(num_heads):
-        for n in range(num_blocks):
-            src = codes[h, n]
+    items = num_heads * num_blocks
+    for chunk in prange(chunks):
+        low = np.empty(block_size * width, np.float32)
+        high = np.empty(block_size * width, np.float32)
+        q_even = np.empty(width, np.float32)
+        q_odd = np.empty(width, np.float32)
+        scale = np.empty(d, np.float32)
+        zero = np.empty(d, np.float32)
+        for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
+            h, n = item // num_blocks, item % num_blocks
+            src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
             for i in range(block_size * width):
                 low[i] = np.float32(src[i] & 15)
             for i in range(block_size * width):
                 high[i] = np.float32(src[i] >> 4)
+            for c in range(d):
+                scale[c] = half_to_float(np.int32(scale_words[c]))
+                zero[c] = half_to_float(np.int32(zero_words[c]))
             best = np.float32(-np.inf)
             for g in range(group):
                 bias = np.float32(0.0)
                 for c in range(d):
-                    bias += q[h, g, c] * zero[h, n, c]
+                    bias += q[h, g, c] * zero[c]
                 for i in range(width):
-                    q_even[i] = q[h, g, 2 * i] * scale[h, n, 2 * i]
-                    q_odd[i] = q[h, g, 2 * i + 1] * scale[h, n, 2 * i + 1]
+                    q_even[i] = q[h, g, 2 * i] * scale[2 * i]
+                    q_odd[i] = q[h, g, 2 * i + 1] * scale[2 * i + 1]
                 for t in range(block_size):
                     acc = np.float32(0.0)
                     base = t * width
@@ -76,26 +91,33 @@ def _kernel(bits: int):
         return _score_nibbles
     cpb, mask = 8 // bits, (1 << bits) - 1
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def score(q, codes, scale, zero, block_size, out):
-        """q [H, G, D] f32; codes [H, N, >= B*D/cpb] u8; scale, zero [H, N, D] f32; out [H, N] f32."""
+    @njit(fastmath=True, cache=True, nogil=True, parallel=True)
+    def score(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, out):
+        """q [H, G, D] f32; rows [H, N, W] u8 (key codes from byte k_off) and words, the same
+        bytes as u16 (scale and zero fp16 [D] from word scale_w, zero_w); out [H, N] f32."""
         num_heads, group, d = q.shape
-        num_blocks = codes.shape[1]
-        k = np.empty((block_size, d), np.float32)
-        qs = np.empty(d, np.float32)
-        for h in range(num_heads):
-            for n in range(num_blocks):
+        num_blocks = rows.shape[1]
+        items = num_heads * num_blocks
+        for chunk in prange(chunks):
+            k = np.empty((block_size, d), np.float32)
+            qs = np.empty(d, np.float32)
+            zero = np.empty(d, np.float32)
+            for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
+                h, n = item // num_blocks, item % num_blocks
+                src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
                 for t in range(block_size):
                     for i in range(d // cpb):  # token t's codes: bytes t*D/cpb .., lowest bits first
-                        byte = codes[h, n, t * (d // cpb) + i]
+                        byte = src[t * (d // cpb) + i]
                         for j in range(cpb):
                             k[t, i * cpb + j] = np.float32((byte >> (bits * j)) & mask)
+                for c in range(d):
+                    zero[c] = half_to_float(np.int32(zero_words[c]))
                 best = np.float32(-np.inf)
                 for g in range(group):
                     bias = np.float32(0.0)
                     for c in range(d):
-                        qs[c] = q[h, g, c] * scale[h, n, c]
-                        bias += q[h, g, c] * zero[h, n, c]
+                        qs[c] = q[h, g, c] * half_to_float(np.int32(scale_words[c]))
+                        bias += q[h, g, c] * zero[c]
                     for t in range(block_size):
                         acc = np.float32(0.0)
                         for c in range(d):
@@ -123,9 +145,8 @@ def score_blocks_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     qg = q.float().reshape(hkv, group, d)
     if combine == "sum":  # sum_g q_g . k == (sum_g q_g) . k
         qg = qg.sum(dim=1, keepdim=True)
-    scale = rows[..., slice(*off["k_scale"])].view(torch.float16).float()  # [hkv, nb, D]
-    zero = rows[..., slice(*off["k_zero"])].view(torch.float16).float()
     out = torch.empty(hkv, nb, dtype=torch.float32)
-    _kernel(codec.bits)(qg.contiguous().numpy(), rows[..., slice(*off["k"])].numpy(), scale.numpy(),
-                        zero.numpy(), codec.block_size, out.numpy())
+    chunks = min(hkv * nb, CHUNKS_PER_THREAD * kernel_threads())
+    _kernel(codec.bits)(qg.contiguous().numpy(), rows.numpy(), words(rows), off["k"][0], off["k_scale"][0] // 2,
+                        off["k_zero"][0] // 2, codec.block_size, chunks, out.numpy())
     return out

@@ -17,6 +17,12 @@ kernel combines them by the angle-sum formulas, so no transcendental runs per to
 Same result as the twin up to fp32 rounding (the twin rounds ``position * inv_freq`` to
 fp32 before its cosine, this kernel the two parts separately).
 
+Each KV head's blocks are split into `kernel_threads` runs, attended in parallel, each
+with its own running softmax (the exact tail goes with the first run), and the runs'
+partial results merged per head (flash-decoding's split): a 10% selection at 8K has
+only 3 KV heads of work on the embedded model, too few to spread over threads by head.
+Scales and zeros are read as fp16 words in place (`numba_support`).
+
 16-bit rows and head dims that codes straddle go to the twin.
 """
 
@@ -26,11 +32,12 @@ import functools
 
 import numpy as np
 import torch
-from numba import njit
+from numba import njit, prange
 
 from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows
+from .numba_support import half_to_float, kernel_threads, words
 from .rope import rope_cos_sin
 from .sparse_attention import check_attention_args, sparse_decode_attention_torch, valid_block_mask
 
@@ -57,39 +64,90 @@ def fold(s, v, length, m, total, acc):
         m[g] = top
 
 
+@njit(fastmath=True, cache=True, nogil=True)
+def fold_exact(q, h, keys, values, s, m, total, acc):
+    """Fold the exact tokens keys, values [H, L, D] of head h into the running softmax."""
+    group, d = q.shape[1], q.shape[2]
+    chunk = s.shape[1]
+    for start in range(0, keys.shape[1], chunk):
+        n = min(chunk, keys.shape[1] - start)
+        for g in range(group):
+            for t in range(n):
+                dot = np.float32(0.0)
+                for c in range(d):
+                    dot += q[h, g, c] * keys[h, start + t, c]
+                s[g, t] = dot
+        fold(s, values[h, start:], n, m, total, acc)
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def merge(part_max, part_sum, part_acc, out):
+    """out [H, G, D] = the softmax-weighted merge of per-run partials (max, sum [H, R, G], acc [H, R, G, D])."""
+    num_heads, runs, group = part_max.shape
+    d = out.shape[2]
+    for h in range(num_heads):
+        for g in range(group):
+            top = np.float32(-np.inf)
+            for r in range(runs):
+                top = max(top, part_max[h, r, g])
+            total = np.float32(0.0)
+            out[h, g, :] = 0.0
+            for r in range(runs):
+                if part_max[h, r, g] == -np.inf:
+                    continue
+                w = np.float32(np.exp(part_max[h, r, g] - top))
+                total += w * part_sum[h, r, g]
+                for c in range(d):
+                    out[h, g, c] += w * part_acc[h, r, g, c]
+            for c in range(d):
+                out[h, g, c] = out[h, g, c] / total if total > 0 else np.float32(0.0)
+
+
 @functools.cache
 def _kernel(bits: int):
     """The attention kernel for one bit width (bits, codes per byte and mask are
     compile-time constants, so the unpacking loops unroll)."""
     cpb, mask = 8 // bits, (1 << bits) - 1
 
-    @njit(fastmath=True, cache=True, nogil=True)
-    def attend(q, k_codes, v_codes, k_scale, k_zero, v_scale, v_zero, num_valid, rotate,
-               cos_block, sin_block, cos_offset, sin_offset, tail_k, tail_v, out):
-        """q [H, G, D] f32 (pre-scaled); *_codes [H, K, >= B*D/cpb] u8; k_scale, k_zero [H, K, D];
-        v_scale, v_zero [H, K, B, NG]; num_valid [H] i64; cos/sin_block [H, K, D/2] and
-        cos/sin_offset [B, D/2] (used when rotate); tail_k, tail_v [H, L, D] f32; out [H, G, D]."""
+    @njit(fastmath=True, cache=True, nogil=True, parallel=True)
+    def attend(q, rows, words, off, num_valid, rotate, cos_block, sin_block, cos_offset, sin_offset,
+               tail_k, tail_v, runs, out):
+        """q [H, G, D] f32 (pre-scaled); rows [H, K, W] u8 and words, the same bytes as u16;
+        off: byte offsets of the K and V codes, word offsets of K scale, K zero, V scale, V zero
+        (fp16 [D], [D], [B, NG], [B, NG]), B and NG; num_valid [H] i64; cos/sin_block [H, K, D/2]
+        and cos/sin_offset [B, D/2] (used when rotate); tail_k, tail_v [H, L, D] f32; runs:
+        blocks of a head split into this many parallel runs; out [H, G, D]."""
         num_heads, group, d = q.shape
-        block_size, half = cos_offset.shape[0], d // 2
-        num_groups = v_scale.shape[3]
+        half = d // 2
+        k_off, v_off, ks_w, kz_w, vs_w, vz_w, block_size, num_groups = (off[0], off[1], off[2], off[3],
+                                                                         off[4], off[5], off[6], off[7])
         value_group = d // num_groups
-        k = np.empty((block_size, d), np.float32)
-        v = np.empty((block_size, d), np.float32)
-        s = np.empty((group, max(block_size, 64)), np.float32)
-        m = np.empty(group, np.float32)
-        total = np.empty(group, np.float32)
-        acc = np.empty((group, d), np.float32)
-        for h in range(num_heads):
+        part_max = np.empty((num_heads, runs, group), np.float32)
+        part_sum = np.zeros((num_heads, runs, group), np.float32)
+        part_acc = np.zeros((num_heads, runs, group, d), np.float32)
+        for item in prange(num_heads * runs):
+            h, r = item // runs, item % runs
+            k = np.empty((block_size, d), np.float32)
+            v = np.empty((block_size, d), np.float32)
+            s = np.empty((group, max(block_size, 64)), np.float32)
+            m, total, acc = part_max[h, r], part_sum[h, r], part_acc[h, r]
             m[:] = -np.inf
-            total[:] = 0.0
-            acc[:] = 0.0
-            for j in range(num_valid[h]):
+            if r == 0:
+                fold_exact(q, h, tail_k, tail_v, s, m, total, acc)
+            for j in range(r * num_valid[h] // runs, (r + 1) * num_valid[h] // runs):
+                k_codes, v_codes = rows[h, j, k_off:], rows[h, j, v_off:]  # slices: see block_score_numba._score_nibbles
+                k_scale, k_zero = words[h, j, ks_w:], words[h, j, kz_w:]
+                v_scale, v_zero = words[h, j, vs_w:], words[h, j, vz_w:]
                 for t in range(block_size):  # keys: codes of token t, lowest bits first
                     for i in range(d // cpb):
-                        byte = k_codes[h, j, t * (d // cpb) + i]
+                        byte = k_codes[t * (d // cpb) + i]
                         for b in range(cpb):
-                            c = i * cpb + b
-                            k[t, c] = np.float32((byte >> (bits * b)) & mask) * k_scale[h, j, c] + k_zero[h, j, c]
+                            k[t, i * cpb + b] = np.float32((byte >> (bits * b)) & mask)
+                for c in range(d):
+                    scale = half_to_float(np.int32(k_scale[c]))
+                    zero = half_to_float(np.int32(k_zero[c]))
+                    for t in range(block_size):
+                        k[t, c] = k[t, c] * scale + zero
                 if rotate:
                     for t in range(block_size):
                         for c in range(half):
@@ -107,27 +165,16 @@ def _kernel(bits: int):
                         s[g, t] = dot
                 for t in range(block_size):  # values: codes, then per token and channel group
                     for i in range(d // cpb):
-                        byte = v_codes[h, j, t * (d // cpb) + i]
+                        byte = v_codes[t * (d // cpb) + i]
                         for b in range(cpb):
                             v[t, i * cpb + b] = np.float32((byte >> (bits * b)) & mask)
                     for grp in range(num_groups):
-                        sc, zr = v_scale[h, j, t, grp], v_zero[h, j, t, grp]
+                        scale = half_to_float(np.int32(v_scale[t * num_groups + grp]))
+                        zero = half_to_float(np.int32(v_zero[t * num_groups + grp]))
                         for c in range(grp * value_group, (grp + 1) * value_group):
-                            v[t, c] = v[t, c] * sc + zr
+                            v[t, c] = v[t, c] * scale + zero
                 fold(s, v, block_size, m, total, acc)
-            chunk = s.shape[1]
-            for start in range(0, tail_k.shape[1], chunk):
-                n = min(chunk, tail_k.shape[1] - start)
-                for g in range(group):
-                    for t in range(n):
-                        dot = np.float32(0.0)
-                        for c in range(d):
-                            dot += q[h, g, c] * tail_k[h, start + t, c]
-                        s[g, t] = dot
-                fold(s, tail_v[h, start:], n, m, total, acc)
-            for g in range(group):
-                for c in range(d):
-                    out[h, g, c] = acc[g, c] / total[g] if total[g] > 0 else np.float32(0.0)
+        merge(part_max, part_sum, part_acc, out)
 
     return attend
 
@@ -150,8 +197,9 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
     mask = valid_block_mask(num_valid, hkv, ksel, rows.device)  # the twin's check and meaning
     valid = torch.full((hkv,), ksel, dtype=torch.int64) if mask is None else mask.sum(dim=1)  # blocks per head
     rows = aligned_rows(rows, codec, 3)
-    seg = {name: rows[..., s:e] for name, (s, e) in codec.offsets.items()}
-    v_meta = (hkv, ksel, b, codec.num_groups)
+    o = codec.offsets
+    off = np.array([o["k"][0], o["v"][0], o["k_scale"][0] // 2, o["k_zero"][0] // 2, o["v_scale"][0] // 2,
+                    o["v_zero"][0] // 2, b, codec.num_groups], dtype=np.int64)
     if block_ids is not None:
         cos_block, sin_block = rope_cos_sin(block_ids.to(torch.int64) * b, rope_inv_freq)  # [hkv, ksel, D/2]
         cos_offset, sin_offset = rope_cos_sin(torch.arange(b), rope_inv_freq)  # [B, D/2]
@@ -160,13 +208,9 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
         cos_offset = sin_offset = torch.zeros(b, d // 2)
     out = torch.empty(hkv, group, d, dtype=torch.float32)
     _kernel(codec.bits)(
-        (q.float().reshape(hkv, group, d) * scale).contiguous().numpy(),
-        seg["k"].numpy(), seg["v"].numpy(),
-        seg["k_scale"].view(torch.float16).float().numpy(), seg["k_zero"].view(torch.float16).float().numpy(),
-        seg["v_scale"].view(torch.float16).float().reshape(v_meta).numpy(),
-        seg["v_zero"].view(torch.float16).float().reshape(v_meta).numpy(),
+        (q.float().reshape(hkv, group, d) * scale).contiguous().numpy(), rows.numpy(), words(rows), off,
         valid.numpy(), block_ids is not None,
         cos_block.contiguous().numpy(), sin_block.contiguous().numpy(),
         cos_offset.contiguous().numpy(), sin_offset.contiguous().numpy(),
-        tail_k.float().contiguous().numpy(), tail_v.float().contiguous().numpy(), out.numpy())
+        tail_k.float().contiguous().numpy(), tail_v.float().contiguous().numpy(), kernel_threads(), out.numpy())
     return out.view(hkv * group, d).to(q.dtype)

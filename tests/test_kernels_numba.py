@@ -99,3 +99,49 @@ def test_sparse_attention_numba_skips_blocks_past_num_valid(num_valid):
     empty = torch.empty(hkv, 0, 64)
     nothing = sparse_decode_attention(q, rows, codec, empty, empty, num_valid=0, backend="numba")
     assert torch.equal(nothing, torch.zeros_like(nothing))  # no tokens at all: zeros, as the twin
+
+
+def test_half_to_float_widens_every_fp16_bit_pattern_exactly():
+    import numpy as np
+    from numba import njit
+
+    from edgekv.kernels.numba_support import half_to_float
+
+    @njit
+    def widen_all(words):
+        out = np.empty(words.shape[0], np.float32)
+        for i in range(words.shape[0]):
+            out[i] = half_to_float(np.int32(words[i]))
+        return out
+
+    patterns = torch.arange(65536, dtype=torch.int32)
+    want = patterns.to(torch.int16).view(torch.float16).float()
+    got = torch.from_numpy(widen_all(patterns.numpy().astype(np.uint16)))
+    nan = want.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, -0.0 included
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_split_work_over_torchs_thread_count_with_the_same_results(threads, torch_threads):
+    from edgekv.kernels.numba_support import kernel_threads
+
+    torch_threads(threads)
+    assert kernel_threads() == min(threads, __import__("numba").config.NUMBA_NUM_THREADS)
+    codec = BlockCodec(4, 16, 64)
+    hkv, ksel, group = 3, 5, 3
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, 30))
+    q = make_q(hkv * group, 64, torch.float32, 31).cpu()
+    want, got = twin_and_numba(score_blocks, q, rows, codec)
+    assert (got - want).abs().max().item() <= SCORE_ATOL * max(1.0, want.abs().max().item() / 100)
+    tk, tv = make_kv(hkv, 9, 64, 32)
+    num_valid = torch.tensor([5, 1, 0])  # fewer blocks than parallel runs on some heads
+    want, got = twin_and_numba(sparse_decode_attention, q, rows, codec, tk, tv, num_valid=num_valid)
+    assert (got - want).abs().max().item() <= ATTN_ATOL[torch.float32]

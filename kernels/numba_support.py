@@ -1,0 +1,50 @@
+"""What the compiled CPU kernels (``*_numba.py``) share: fp16 reads and their thread count.
+
+numba has no float16 type, so the kernels read a row's fp16 scales and zero points as
+``uint16`` words (a second view of the same bytes) and widen them with `half_to_float`,
+exactly (every fp16 value is an fp32 value): no per-call conversion pass over the rows,
+which in a decode step would be one more read of memory that arrives cold.
+
+The kernels split their work over ``torch.get_num_threads()`` threads (`kernel_threads`),
+the one thread setting the engine has (`Policy.threads`): a decode step's matrix
+products use that many, and a sparse step would otherwise leave all but one core idle
+while it scores and attends.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit
+
+# 2**(e - 25) for fp16 exponent field e >= 1 (the mantissa is an 11-bit integer there);
+# 2**-24 for e == 0 (subnormals: the 10-bit mantissa alone)
+_POW2 = np.array([2.0**-24] + [2.0 ** (e - 25) for e in range(1, 32)], dtype=np.float32)
+
+
+@njit(inline="always", cache=True)
+def half_to_float(word):
+    """The fp32 value of the fp16 bit pattern ``word`` (an integer in [0, 65535])."""
+    exponent = (word >> 10) & 31
+    mantissa = word & 1023
+    if exponent == 31:
+        magnitude = np.float32(np.inf) if mantissa == 0 else np.float32(np.nan)
+    else:
+        if exponent:
+            mantissa |= 1024
+        magnitude = np.float32(mantissa) * _POW2[exponent]
+    return -magnitude if word & 32768 else magnitude
+
+
+def words(rows: torch.Tensor) -> np.ndarray:
+    """``uint16`` numpy view of uint8 rows ``[..., width]`` (width even, last dim contiguous)."""
+    return rows.numpy().view(np.uint16)
+
+
+def kernel_threads() -> int:
+    """Threads the kernels use now: torch's setting, within numba's pool (also set as numba's)."""
+    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != n:
+        numba.set_num_threads(n)
+    return n
