@@ -16,7 +16,7 @@ its keys are rotated back to position 0 (stored keys are *pre-RoPE*, see
 is compressed (`compress_blocks`: packed rows in the `BlockCodec` layout) and
 put in the store (device cache → RAM → disk). A decode step fetches a layer's rows in one
 batched `get` and runs `sparse_decode_attention` over the packed rows (dequantized in
-registers by the Triton kernel, by the torch twin on the CPU, and rotated to their
+registers by the Triton kernel on CUDA, by the numba kernel on the CPU, and rotated to their
 positions there) and the exact tail. Below 16 bits every value the cache holds (rows,
 sink and tail) is in the Hadamard-rotated basis of `edgekv.rotation`, and each attention
 output is rotated back once. With a budget below "all", a decode step fetches and
