@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from .kernels import bound_scores, compress_blocks, score_blocks
+from .kernels.block_score import top_blocks
 from .kernels.block_score import key_copy, key_copy_bytes
 from .quant import BlockCodec
 
@@ -141,14 +142,9 @@ def budget_blocks(budget: int | str, *, context: int, tail: int, block_size: int
     return min(num_blocks, k)
 
 
-def select_blocks(scores: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+def select_blocks(scores: torch.Tensor, k: int, sink_blocks: int, *, backend: str = "auto") -> torch.Tensor:
     """int64 [Hkv, k] block ids: the first `sink_blocks` blocks, then the top scores, ascending."""
-    nb = scores.shape[1]
-    if k >= nb:
-        return torch.arange(nb, device=scores.device).expand(scores.shape[0], -1)
-    scores = scores.clone()
-    scores[:, :sink_blocks] = float("inf")
-    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+    return top_blocks(scores, k, sink_blocks, backend=backend)
 
 
 @dataclass

@@ -120,7 +120,7 @@ class TieredKVCache:
                           block_size=self.block_size, num_blocks=nb, sink_blocks=self.sink_blocks)
         if k >= nb:
             return None
-        return select_blocks(self.summaries.scores(layer, q, nb), k, max(1, self.sink_blocks))
+        return select_blocks(self.summaries.scores(layer, q, nb), k, max(1, self.sink_blocks), backend=self.kernels)
 
     def speculate(self, layer: int, q: torch.Tensor) -> None:
         """Request the blocks an approximate query q [Hq, D] of `layer` selects (layer-ahead prefetch)."""

@@ -289,18 +289,18 @@ class TierStore:
             wait(pending)
         with self._lock:
             self._check_open()
-            self._check_known(id_list)
-            c = self._counters
+            dev, ram, c = self._dev, self._ram, self._counters
+            slots = [dev.get(i) for i in id_list]
+            self._check_known([i for i, slot in zip(id_list, slots) if slot is None])  # a cached row is stored
             hit_pos, hit_slots, miss_pos, miss_ids = [], [], [], []
-            for pos, i in enumerate(id_list):
-                if i in self._ram:
-                    self._ram.move_to_end(i)
-                slot = self._dev.get(i)
+            for pos, (i, slot) in enumerate(zip(id_list, slots)):
+                if i in ram:
+                    ram.move_to_end(i)
                 if slot is None:
                     miss_pos.append(pos)
                     miss_ids.append(i)
                     continue
-                self._dev.move_to_end(i)
+                dev.move_to_end(i)
                 hit_pos.append(pos)
                 hit_slots.append(slot)
                 if i in self._prefetched:

@@ -6,7 +6,8 @@ block scoring and sparse attention when every tensor is on the CPU and numba imp
 else the torch twin; see `_backend`). Triton and numba are only imported when one of
 their kernels is first called; `warm_up` makes that happen at load time.
 
-- `score_blocks` / `bound_scores` (block_score.py): which blocks matter to a query.
+- `score_blocks` / `bound_scores` (block_score.py): which blocks matter to a query;
+  `top_blocks`: the sinks and the best-scored blocks.
 - `sparse_decode_attention` (sparse_attention.py): one decode token over selected
   packed blocks + the exact tail.
 - `compress_blocks` (compress.py): completed blocks -> packed rows + kmin/kmax summary.
@@ -18,7 +19,7 @@ import torch
 from edgekv.quant import BlockCodec
 
 from ._backend import resolve_backend
-from .block_score import bound_scores, key_copy, score_blocks
+from .block_score import bound_scores, key_copy, score_blocks, top_blocks
 from .compress import CompressedBlocks, compress_blocks
 from .gather import gather_rows
 from .sparse_attention import sparse_decode_attention
@@ -42,6 +43,7 @@ def warm_up(codec: BlockCodec, key_codec: BlockCodec, *, num_heads: int, num_kv_
     copies = key_copy(summary, key_codec)[:, :2]  # a slice, as the summaries are read
     q = torch.zeros(num_heads, d, device=device)
     score_blocks(q, copies, key_codec, backend=backend)
+    top_blocks(torch.zeros(num_kv_heads, 2), 1, 1, backend=backend)
     ids = torch.zeros(num_kv_heads, 2, dtype=torch.int64, device=device)
     tail = torch.zeros(num_kv_heads, 3, d, device=device)
     sparse_decode_attention(q, rows, codec, tail, tail, block_ids=ids,

@@ -31,7 +31,7 @@ import torch
 
 from edgekv.quant import BlockCodec
 
-from ._backend import aligned_rows, dispatch, key_copy_bytes, key_copy_offsets, row_offsets
+from ._backend import aligned_rows, dispatch, key_copy_bytes, key_copy_offsets, resolve_backend, row_offsets
 
 __all__ = ["bound_scores", "decode_keys", "key_copy", "key_copy_bytes", "key_copy_offsets", "score_blocks"]
 
@@ -50,6 +50,27 @@ def score_blocks(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *, comb
     fn = dispatch(backend, score_blocks_torch, "block_score_triton", "score_blocks_triton", (q, rows),
                   numba_kernel=("block_score_numba", "score_blocks_numba"))
     return fn(q, rows, codec, combine=combine)
+
+
+def top_blocks(scores: torch.Tensor, k: int, sink_blocks: int, *, backend: str = "auto") -> torch.Tensor:
+    """int64 [num_kv_heads, k] block ids per KV head, ascending: the first ``sink_blocks``
+    blocks, then the highest of ``scores: [num_kv_heads, num_blocks]`` (every block when k
+    covers them). Ties at the k-th score may resolve differently per backend."""
+    if k < scores.shape[1] and resolve_backend(backend, scores) == "numba":
+        from .block_score_numba import top_blocks_numba
+
+        return top_blocks_numba(scores, k, sink_blocks)
+    return top_blocks_torch(scores, k, sink_blocks)
+
+
+def top_blocks_torch(scores: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """The reference twin of `top_blocks`."""
+    nb = scores.shape[1]
+    if k >= nb:
+        return torch.arange(nb, device=scores.device).expand(scores.shape[0], -1)
+    scores = scores.clone()
+    scores[:, :sink_blocks] = float("inf")
+    return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
 
 
 def bound_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, combine: str = "max",

@@ -150,3 +150,33 @@ def score_blocks_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     _kernel(codec.bits)(qg.contiguous().numpy(), rows.numpy(), words(rows), off["k"][0], off["k_scale"][0] // 2,
                         off["k_zero"][0] // 2, codec.block_size, chunks, out.numpy())
     return out
+
+
+@njit(cache=True, nogil=True)
+def _top_blocks(scores, k, sink_blocks, out):
+    """out [H, k] i64: per row of scores [H, N] f32 the sinks, then the k best, ascending."""
+    num_blocks = scores.shape[1]
+    row = np.empty(num_blocks, np.float32)
+    for h in range(scores.shape[0]):
+        for n in range(num_blocks):
+            row[n] = np.inf if n < sink_blocks else scores[h, n]
+        threshold = np.partition(row.copy(), num_blocks - k)[num_blocks - k]  # the k-th best
+        ties = k
+        for n in range(num_blocks):
+            if row[n] > threshold:
+                ties -= 1
+        j = 0
+        for n in range(num_blocks):
+            if row[n] > threshold or (row[n] == threshold and ties > 0):
+                if row[n] == threshold:
+                    ties -= 1
+                out[h, j] = n
+                j += 1
+
+
+def top_blocks_numba(scores: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """`top_blocks` on a CPU tensor (k below the block count) with a compiled kernel; of
+    blocks tied at the k-th score, the first ones."""
+    out = torch.empty(scores.shape[0], k, dtype=torch.int64)
+    _top_blocks(scores.float().contiguous().numpy(), k, sink_blocks, out.numpy())
+    return out

@@ -179,6 +179,16 @@ def _kernel(bits: int):
     return attend
 
 
+@functools.cache
+def _layout(codec: BlockCodec) -> np.ndarray:
+    """The kernel's ``off`` argument for rows of ``codec`` (read-only: shared by every call)."""
+    o = codec.offsets
+    off = np.array([o["k"][0], o["v"][0], o["k_scale"][0] // 2, o["k_zero"][0] // 2, o["v_scale"][0] // 2,
+                    o["v_zero"][0] // 2, codec.block_size, codec.num_groups], dtype=np.int64)
+    off.flags.writeable = False
+    return off
+
+
 def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
                                   tail_k: torch.Tensor, tail_v: torch.Tensor, *,
                                   num_valid: int | torch.Tensor | None = None,
@@ -197,9 +207,7 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
     mask = valid_block_mask(num_valid, hkv, ksel, rows.device)  # the twin's check and meaning
     valid = torch.full((hkv,), ksel, dtype=torch.int64) if mask is None else mask.sum(dim=1)  # blocks per head
     rows = aligned_rows(rows, codec, 3)
-    o = codec.offsets
-    off = np.array([o["k"][0], o["v"][0], o["k_scale"][0] // 2, o["k_zero"][0] // 2, o["v_scale"][0] // 2,
-                    o["v_zero"][0] // 2, b, codec.num_groups], dtype=np.int64)
+    off = _layout(codec)
     if block_ids is not None:
         cos_block, sin_block = rope_cos_sin(block_ids.to(torch.int64) * b, rope_inv_freq)  # [hkv, ksel, D/2]
         cos_offset, sin_offset = rope_cos_sin(torch.arange(b), rope_inv_freq)  # [B, D/2]

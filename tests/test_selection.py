@@ -10,7 +10,7 @@ from edgekv.cli import app
 from edgekv.config import SCORER_NAMES, Policy
 from edgekv.engine import Engine
 from edgekv.errors import EdgekvError
-from edgekv.kernels import sparse_decode_attention
+from edgekv.kernels import _backend, sparse_decode_attention
 from edgekv.loader import resolve_model
 from edgekv.quant import BlockCodec
 from edgekv.rotation import rotate
@@ -41,12 +41,27 @@ def test_blocks_fill_what_the_exact_tail_leaves_of_the_budget():
     assert budget_blocks("all", context=8192, tail=64, block_size=32, num_blocks=254, sink_blocks=1) == 254
 
 
-def test_selection_keeps_the_sinks_then_the_best_scores_in_block_order():
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_selection_keeps_the_sinks_then_the_best_scores_in_block_order(backend):
+    if backend == "numba" and not _backend.numba_available():
+        pytest.skip("the numba package is not installed")
     scores = torch.tensor([[0.0, 5.0, 1.0, 9.0, 3.0, 7.0],
                            [9.0, 0.0, 8.0, 1.0, 2.0, 3.0]])
-    chosen = select_blocks(scores, 3, sink_blocks=1)
+    chosen = select_blocks(scores, 3, sink_blocks=1, backend=backend)
     assert chosen.tolist() == [[0, 3, 5], [0, 2, 5]]
-    assert select_blocks(scores, 6, sink_blocks=1).tolist() == [list(range(6))] * 2
+    assert select_blocks(scores, 6, sink_blocks=1, backend=backend).tolist() == [list(range(6))] * 2
+    assert select_blocks(scores, 4, sink_blocks=2, backend=backend).tolist() == [[0, 1, 3, 5], [0, 1, 2, 5]]
+
+
+@pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
+def test_compiled_selection_picks_what_the_twin_picks():
+    g = torch.Generator().manual_seed(7)
+    for heads, blocks, k, sinks in ((3, 250, 24, 1), (2, 17, 16, 3), (1, 5, 1, 1), (4, 64, 9, 0)):
+        scores = torch.randn(heads, blocks, generator=g)  # distinct scores: no ties
+        assert torch.equal(select_blocks(scores, k, sinks, backend="numba"),
+                           select_blocks(scores, k, sinks, backend="torch")), (heads, blocks, k, sinks)
+    tied = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0]])
+    assert select_blocks(tied, 3, 1, backend="numba").tolist() == [[0, 1, 2]]  # the first of the tied
 
 
 # ---- scorers ---------------------------------------------------------------------------------
