@@ -31,7 +31,7 @@ from numba import njit, prange
 
 from edgekv.quant import BlockCodec
 
-from ._backend import aligned_rows, row_offsets
+from ._backend import aligned_rows, row_offsets, tile_layout
 from .block_score import check_combine, query_group, score_blocks_torch
 from .numba_support import half_to_float, kernel_threads, words
 
@@ -101,6 +101,7 @@ def _kernel(bits: int):
         for chunk in prange(chunks):
             k = np.empty((block_size, d), np.float32)
             qs = np.empty(d, np.float32)
+            scale = np.empty(d, np.float32)
             zero = np.empty(d, np.float32)
             for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
                 h, n = item // num_blocks, item % num_blocks
@@ -111,12 +112,13 @@ def _kernel(bits: int):
                         for j in range(cpb):
                             k[t, i * cpb + j] = np.float32((byte >> (bits * j)) & mask)
                 for c in range(d):
+                    scale[c] = half_to_float(np.int32(scale_words[c]))
                     zero[c] = half_to_float(np.int32(zero_words[c]))
                 best = np.float32(-np.inf)
                 for g in range(group):
                     bias = np.float32(0.0)
                     for c in range(d):
-                        qs[c] = q[h, g, c] * half_to_float(np.int32(scale_words[c]))
+                        qs[c] = q[h, g, c] * scale[c]
                         bias += q[h, g, c] * zero[c]
                     for t in range(block_size):
                         acc = np.float32(0.0)
@@ -140,15 +142,17 @@ def score_blocks_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     group = query_group(q, hkv, d)
     if codec.bits == 16 or nb == 0 or d % codec.codes_per_byte:  # no codes, or codes across tokens
         return score_blocks_torch(q, rows, codec, combine=combine)
-    off = row_offsets(codec, rows.shape[-1])
-    rows = aligned_rows(rows, codec, 3, rows.shape[-1])
+    width = rows.shape[-1]
+    row_offsets(codec, width)  # whole rows or key copies, else a clear error
+    rows = aligned_rows(rows, codec, 3, width)
+    layout = tile_layout(codec, key_copy=width != codec.row_bytes)
     qg = q.float().reshape(hkv, group, d)
     if combine == "sum":  # sum_g q_g . k == (sum_g q_g) . k
         qg = qg.sum(dim=1, keepdim=True)
     out = torch.empty(hkv, nb, dtype=torch.float32)
     chunks = min(hkv * nb, CHUNKS_PER_THREAD * kernel_threads())
-    _kernel(codec.bits)(qg.contiguous().numpy(), rows.numpy(), words(rows), off["k"][0], off["k_scale"][0] // 2,
-                        off["k_zero"][0] // 2, codec.block_size, chunks, out.numpy())
+    _kernel(codec.bits)(qg.contiguous().numpy(), rows.numpy(), words(rows), layout["K_OFF"], layout["KS_OFF"],
+                        layout["KZ_OFF"], codec.block_size, chunks, out.numpy())
     return out
 
 
@@ -160,7 +164,7 @@ def _top_blocks(scores, k, sink_blocks, out):
     for h in range(scores.shape[0]):
         for n in range(num_blocks):
             row[n] = np.inf if n < sink_blocks else scores[h, n]
-        threshold = np.partition(row.copy(), num_blocks - k)[num_blocks - k]  # the k-th best
+        threshold = np.partition(row, num_blocks - k)[num_blocks - k]  # the k-th best (on a copy)
         ties = k
         for n in range(num_blocks):
             if row[n] > threshold:

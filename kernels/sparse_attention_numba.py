@@ -36,7 +36,7 @@ from numba import njit, prange
 
 from edgekv.quant import BlockCodec
 
-from ._backend import aligned_rows
+from ._backend import aligned_rows, tile_layout
 from .numba_support import half_to_float, kernel_threads, words
 from .rope import rope_cos_sin
 from .sparse_attention import check_attention_args, sparse_decode_attention_torch, valid_block_mask
@@ -182,9 +182,9 @@ def _kernel(bits: int):
 @functools.cache
 def _layout(codec: BlockCodec) -> np.ndarray:
     """The kernel's ``off`` argument for rows of ``codec`` (read-only: shared by every call)."""
-    o = codec.offsets
-    off = np.array([o["k"][0], o["v"][0], o["k_scale"][0] // 2, o["k_zero"][0] // 2, o["v_scale"][0] // 2,
-                    o["v_zero"][0] // 2, codec.block_size, codec.num_groups], dtype=np.int64)
+    t = tile_layout(codec)
+    off = np.array([t[name] for name in ("K_OFF", "V_OFF", "KS_OFF", "KZ_OFF", "VS_OFF", "VZ_OFF",
+                                         "BLOCK_SIZE", "NUM_VGROUPS")], dtype=np.int64)
     off.flags.writeable = False
     return off
 
