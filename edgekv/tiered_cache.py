@@ -22,7 +22,8 @@ sink and tail) is in the Hadamard-rotated basis of `edgekv.rotation`, and each a
 output is rotated back once. With a budget below "all", a decode step fetches and
 attends only the blocks `edgekv.selection` picks from per-block summaries (made here
 when a block is compressed); `speculate` lets the layer loop request a layer's blocks
-one layer early. A prefill chunk decodes and rotates the rows into a
+one layer early. On the CPU the step's selection and attention run through
+`kernels.compiled_decode`, kernels with their constants made once for this cache. A prefill chunk decodes and rotates the rows into a
 reusable scratch buffer next to the tail and attends densely. Budget "all" selects every block. Row ids:
 
     row(layer, kv_head, block) = (layer * num_kv_heads + kv_head) * max_blocks + block
@@ -36,7 +37,7 @@ import torch
 
 from .attention import dense_attention
 from .errors import BudgetError
-from .kernels import compress_blocks, sparse_decode_attention, warm_up
+from .kernels import compiled_decode, compress_blocks, sparse_decode_attention, warm_up
 from .kernels.rope import rotate_keys
 from .quant import BlockCodec
 from .rotation import rotate, value_rotation
@@ -83,10 +84,12 @@ class TieredKVCache:
         self.summaries = BlockSummaries(SCORERS[scorer], self.codec, num_layers=num_layers,
                                         num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
                                         backend=kernels)
+        self.compiled = compiled_decode(self.codec, key_copy_codec(self.codec) if scorer == "keys4" else None,
+                                        self.rope_inv_freq, self.max_blocks, backend=kernels, device=device)
         self.counters = SelectionCounters()
         self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False)
-        warm_up(self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads, num_kv_heads=num_kv_heads,
-                backend=kernels, device=device)
+        warm_up(self.compiled, self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads,
+                num_kv_heads=num_kv_heads)
 
     def configure_selection(self, *, budget: int | str, sink_blocks: int, dense_layers: int,
                             speculate: bool) -> None:
@@ -120,6 +123,8 @@ class TieredKVCache:
                           block_size=self.block_size, num_blocks=nb, sink_blocks=self.sink_blocks)
         if k >= nb:
             return None
+        if self.compiled.select is not None:
+            return self.compiled.select(q, self.summaries.layers[layer], nb, k, max(1, self.sink_blocks))
         return select_blocks(self.summaries.scores(layer, q, nb), k, max(1, self.sink_blocks), backend=self.kernels)
 
     def speculate(self, layer: int, q: torch.Tensor) -> None:
@@ -181,11 +186,15 @@ class TieredKVCache:
             t1 = time.perf_counter()
             rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
             t2 = time.perf_counter()
-            exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
-            exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
-            out = sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
-                                          block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
-                                          backend=self.kernels)
+            if self.compiled.attend is not None:
+                out = self.compiled.attend(q[:, 0], rows, block_ids, self.sink_k[layer], self.sink_v[layer],
+                                           self.tail_k[layer], self.tail_v[layer])
+            else:
+                exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
+                exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
+                out = sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
+                                              block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
+                                              backend=self.kernels)
             seconds = self.counters.seconds
             seconds["select"] += t1 - t0
             seconds["fetch"] += t2 - t1
@@ -216,6 +225,11 @@ class TieredKVCache:
             self.tail_k[layer] = self.tail_k[layer][:, n * B:].clone()
             self.tail_v[layer] = self.tail_v[layer][:, n * B:].clone()
         self.num_blocks += n
+        # the newest blocks are among the next steps' likeliest reads: copy them to the device
+        # cache now, in the background, where that evicts nothing (else a step's first read waits)
+        new_ids = torch.cat([self.row_ids(layer, blocks) for layer in range(self.num_layers)])
+        if self.store.device_room() >= len(new_ids):
+            self.store.prefetch(new_ids)
 
     def truncate(self, num_tokens: int) -> int:
         """Keep at most the first `num_tokens` tokens; returns how many were kept.

@@ -14,6 +14,9 @@ their kernels is first called; `warm_up` makes that happen at load time.
 - `gather_rows` (gather.py): selected rows of a (pinned host) pool -> a device buffer.
 """
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
 from edgekv.quant import BlockCodec
@@ -24,27 +27,57 @@ from .compress import CompressedBlocks, compress_blocks
 from .gather import gather_rows
 from .sparse_attention import sparse_decode_attention
 
-__all__ = ["CompressedBlocks", "bound_scores", "compress_blocks", "gather_rows", "score_blocks",
-           "sparse_decode_attention", "warm_up"]
+__all__ = ["CompiledDecode", "CompressedBlocks", "bound_scores", "compiled_decode", "compress_blocks",
+           "gather_rows", "score_blocks", "sparse_decode_attention", "warm_up"]
 
 
-def warm_up(codec: BlockCodec, key_codec: BlockCodec, *, num_heads: int, num_kv_heads: int, backend: str,
-            device: torch.device) -> None:
-    """Run a decode step's compiled CPU kernels once on a tiny input shaped like the
-    engine's (rows of ``codec``, key copies of ``key_codec``, keys before RoPE), so that
-    numba compiles them, or loads them from its disk cache, now rather than in the first
-    decode step. Nothing to do for the other backends."""
+@dataclass(frozen=True)
+class CompiledDecode:
+    """A KV cache's decode-step kernels with their constants made once (None: use the
+    per-call functions above). select(q, summaries, num_blocks, k, sink_blocks) -> ids is
+    `NumbaBlockSelector`; attend(q, rows, block_ids, sink_k, sink_v, tail_k, tail_v) -> out
+    is `NumbaSparseAttention`."""
+
+    select: Callable | None = None
+    attend: Callable | None = None
+
+
+def compiled_decode(codec: BlockCodec, key_codec: BlockCodec | None, rope_inv_freq: torch.Tensor,
+                    max_blocks: int, *, backend: str, device: torch.device) -> CompiledDecode:
+    """The compiled CPU decode step of a cache of pre-RoPE rows of ``codec`` (blocks below
+    ``max_blocks``) scored by 4-bit key copies of ``key_codec`` (None: another scorer), when
+    ``backend`` resolves to numba on ``device``; the per-call path everywhere else. Its
+    results are those of `top_blocks` over `score_blocks` and of `sparse_decode_attention`
+    with the numba backend (tested)."""
     if resolve_backend(backend, torch.empty(0, device=device)) != "numba":
+        return CompiledDecode()
+    from .block_score_numba import NumbaBlockSelector
+    from .sparse_attention_numba import NumbaSparseAttention
+
+    d = codec.head_dim
+    attend_ok = codec.bits < 16 and d % codec.codes_per_byte == 0 and d % 2 == 0
+    select_ok = key_codec is not None and key_codec.bits == 4 and key_codec.head_dim % 2 == 0
+    return CompiledDecode(select=NumbaBlockSelector(key_codec) if select_ok else None,
+                          attend=NumbaSparseAttention(codec, rope_inv_freq, max_blocks) if attend_ok else None)
+
+
+def warm_up(compiled: CompiledDecode, codec: BlockCodec, key_codec: BlockCodec | None, *, num_heads: int,
+            num_kv_heads: int) -> None:
+    """Run a cache's compiled decode step (``compiled``, for rows of ``codec`` and key
+    copies of ``key_codec``) and the compiled top-k once on a tiny input shaped like the
+    engine's, so that numba compiles them, or loads them from its disk cache, now rather
+    than in the first decode step. Nothing to do without compiled kernels."""
+    if compiled.select is None and compiled.attend is None:
         return
     d = codec.head_dim
-    k = torch.zeros(num_kv_heads, 2 * codec.block_size, d, device=device)
-    rows = compress_blocks(k, k, codec, backend="torch").rows  # [Hkv, 2, row_bytes]
-    summary = torch.zeros(num_kv_heads, 3, key_codec.row_bytes, dtype=torch.uint8, device=device)
-    copies = key_copy(summary, key_codec)[:, :2]  # a slice, as the summaries are read
-    q = torch.zeros(num_heads, d, device=device)
-    score_blocks(q, copies, key_codec, backend=backend)
-    top_blocks(torch.zeros(num_kv_heads, 2), 1, 1, backend=backend)
-    ids = torch.zeros(num_kv_heads, 2, dtype=torch.int64, device=device)
-    tail = torch.zeros(num_kv_heads, 3, d, device=device)
-    sparse_decode_attention(q, rows, codec, tail, tail, block_ids=ids,
-                            rope_inv_freq=torch.ones(d // 2, device=device), backend=backend)
+    q = torch.zeros(num_heads, d)
+    top_blocks(torch.zeros(num_kv_heads, 2), 1, 1, backend="numba")  # other scorers' selection
+    if compiled.select is not None:
+        summaries = torch.zeros(num_kv_heads, 3, key_codec.row_bytes, dtype=torch.uint8)
+        compiled.select(q, key_copy(summaries, key_codec), 2, 1, 1)
+    if compiled.attend is not None:
+        k = torch.zeros(num_kv_heads, 2 * codec.block_size, d)
+        rows = compress_blocks(k, k, codec, backend="torch").rows  # [Hkv, 2, row_bytes]
+        ids = torch.zeros(num_kv_heads, 2, dtype=torch.int64)
+        exact = torch.zeros(num_kv_heads, 3, d)
+        compiled.attend(q, rows, ids, exact, exact, exact, exact)

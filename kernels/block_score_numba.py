@@ -18,7 +18,9 @@ there a block's tile is reused by only a few dot products, and the permuted quer
 scales, tail and output cost more than it saved).
 
 Compiled on first use (cached on disk by numba); 16-bit rows have no codes
-to unpack and go to the twin.
+to unpack and go to the twin. `NumbaBlockSelector` is what a KV cache builds once for
+its decode steps: scoring and top-k (`_top_blocks`) in one compiled call over the
+summaries as they lie, without the per-call checks of `score_blocks`.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _score_nibbles(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, o
     through slices: an index like ``row[k_off + i]`` may be negative for all numba knows,
     and its wraparound check kept the loops scalar, 3-4x slower.)"""
     num_heads, group, d = q.shape
-    num_blocks = rows.shape[1]
+    num_blocks = out.shape[1]
     width = d // 2  # code bytes per token
     items = num_heads * num_blocks
     for chunk in prange(chunks):
@@ -93,10 +95,11 @@ def _kernel(bits: int):
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
     def score(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, out):
-        """q [H, G, D] f32; rows [H, N, W] u8 (key codes from byte k_off) and words, the same
-        bytes as u16 (scale and zero fp16 [D] from word scale_w, zero_w); out [H, N] f32."""
+        """q [H, G, D] f32; rows [H, >= N, W] u8 (key codes from byte k_off) and words, the same
+        bytes as u16 (scale and zero fp16 [D] from word scale_w, zero_w); out [H, N] f32: the
+        scores of the first N blocks."""
         num_heads, group, d = q.shape
-        num_blocks = rows.shape[1]
+        num_blocks = out.shape[1]
         items = num_heads * num_blocks
         for chunk in prange(chunks):
             k = np.empty((block_size, d), np.float32)
@@ -184,3 +187,36 @@ def top_blocks_numba(scores: torch.Tensor, k: int, sink_blocks: int) -> torch.Te
     out = torch.empty(scores.shape[0], k, dtype=torch.int64)
     _top_blocks(scores.float().contiguous().numpy(), k, sink_blocks, out.numpy())
     return out
+
+
+@njit(cache=True, nogil=True)
+def _select_nibbles(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, scores, k, sink_blocks, ids):
+    """`_score_nibbles` into scores [H, N], then `_top_blocks` into ids [H, k]: one call."""
+    _score_nibbles(q, rows, words, k_off, scale_w, zero_w, block_size, chunks, scores)
+    _top_blocks(scores, k, sink_blocks, ids)
+
+
+class NumbaBlockSelector:
+    """Selection for one KV cache's decode steps on the CPU: 4-bit key copies scored
+    (combine max) and the top blocks picked in one compiled call, the layout made once.
+    Same blocks as ``top_blocks(score_blocks(...), k, sink_blocks)`` with the numba
+    backend. No argument checks: the caller hands it its own summaries."""
+
+    def __init__(self, key_codec: BlockCodec):
+        if key_codec.bits != 4 or key_codec.head_dim % 2:
+            raise ValueError(f"the compiled selection scores 4-bit key copies (got {key_codec})")
+        layout = tile_layout(key_codec, key_copy=True)
+        self.layout = (layout["K_OFF"], layout["KS_OFF"], layout["KZ_OFF"], key_codec.block_size)
+
+    def __call__(self, q: torch.Tensor, summaries: torch.Tensor, num_blocks: int, k: int,
+                 sink_blocks: int) -> torch.Tensor:
+        """int64 [Hkv, k] ascending block ids (k < num_blocks) for q [Hq, D] over the first
+        num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes]."""
+        hkv = summaries.shape[0]
+        ids = torch.empty(hkv, k, dtype=torch.int64)
+        scores = np.empty((hkv, num_blocks), np.float32)
+        chunks = min(hkv * num_blocks, CHUNKS_PER_THREAD * kernel_threads())
+        rows = summaries.numpy()
+        _select_nibbles(q.float().reshape(hkv, -1, q.shape[-1]).contiguous().numpy(), rows, rows.view(np.uint16),
+                        *self.layout, chunks, scores, k, sink_blocks, ids.numpy())
+        return ids

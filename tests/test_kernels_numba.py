@@ -145,3 +145,60 @@ def test_kernels_split_work_over_torchs_thread_count_with_the_same_results(threa
     num_valid = torch.tensor([5, 1, 0])  # fewer blocks than parallel runs on some heads
     want, got = twin_and_numba(sparse_decode_attention, q, rows, codec, tk, tv, num_valid=num_valid)
     assert (got - want).abs().max().item() <= ATTN_ATOL[torch.float32]
+
+
+# ---- the compiled decode step a KV cache builds once (`compiled_decode`) ----------------------
+
+
+@pytest.mark.parametrize("num_blocks,group,k,sink_blocks", [(13, 3, 4, 1), (40, 1, 9, 2), (77, 4, 76, 1)])
+def test_compiled_selection_picks_the_blocks_of_top_blocks_over_score_blocks(num_blocks, group, k, sink_blocks):
+    from edgekv.kernels import compiled_decode, top_blocks
+
+    codec = BlockCodec(4, 16, 64)
+    hkv = 3
+    rows, _, _ = cpu(*make_rows(codec, hkv, num_blocks + 5, 40 + k))
+    summaries = key_copy(rows, codec)  # [Hkv, capacity, W]: only the first num_blocks are live
+    q = make_q(hkv * group, 64, torch.float32, 41 + k).cpu()
+    select = compiled_decode(codec, codec, torch.ones(32), num_blocks + 5, backend="numba",
+                             device=torch.device("cpu")).select
+    got = select(q, summaries, num_blocks, k, sink_blocks)
+    want = top_blocks(score_blocks(q, summaries[:, :num_blocks], codec, backend="numba"), k, sink_blocks,
+                      backend="numba")
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert (got[:, :sink_blocks] == torch.arange(sink_blocks)).all()  # sinks first, the rest ascending
+    assert (got.diff(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("ksel,sink,tail,group,dtype", [(7, 16, 37, 3, torch.float32), (1, 0, 5, 1, torch.float32),
+                                                        (5, 16, 0, 4, torch.bfloat16)], ids=case_id)
+def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, sink, tail, group, dtype):
+    from edgekv.kernels import compiled_decode
+
+    codec = BlockCodec(4, 16, 64)
+    hkv, d = 3, 64
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, 50 + ksel))
+    sink_k, sink_v = (x.to(dtype) for x in make_kv(hkv, sink, d, 51))
+    tail_k, tail_v = (x.to(dtype) for x in make_kv(hkv, tail, d, 52))
+    q = make_q(hkv * group, d, dtype, 53).cpu()
+    ids = make_block_ids(hkv, ksel + 1, 54, top=200).cpu()[:, 1:]  # a strided view, as the cache passes it
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    attend = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu")).attend
+    got = attend(q, rows, ids, sink_k, sink_v, tail_k, tail_v)
+    want = sparse_decode_attention(q, rows, codec, torch.cat((sink_k, tail_k), 1), torch.cat((sink_v, tail_v), 1),
+                                   block_ids=ids, rope_inv_freq=inv, backend="torch")
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max().item() <= ROPE_ATOL[dtype]
+
+
+def test_compiled_decode_only_where_numba_runs_the_layout():
+    from edgekv.kernels import compiled_decode
+
+    cpu_device, inv = torch.device("cpu"), torch.ones(32)
+    c4, c16 = BlockCodec(4, 16, 64), BlockCodec(16, 16, 64)
+    both = compiled_decode(c4, c4, inv, 8, backend="auto", device=cpu_device)
+    assert both.select is not None and both.attend is not None
+    twins = compiled_decode(c4, c4, inv, 8, backend="torch", device=cpu_device)
+    assert twins.select is None and twins.attend is None  # the reference path stays the reference
+    other_scorer = compiled_decode(c4, None, inv, 8, backend="numba", device=cpu_device)
+    assert other_scorer.select is None and other_scorer.attend is not None
+    assert compiled_decode(c16, c4, inv, 8, backend="numba", device=cpu_device).attend is None  # fp16 rows

@@ -156,6 +156,26 @@ def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(
     assert cache.counters.candidate_blocks == 2 * cache.num_blocks
 
 
+@pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
+@pytest.mark.parametrize("budget", [20, "all"])
+def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget):
+    twins, compiled = tiered(tmp_path / "a"), tiered(tmp_path / "b", kernels="numba")
+    assert twins.compiled.select is None and compiled.compiled.select is not None
+    for c in (twins, compiled):
+        fill(c, 100)
+        c.configure_selection(budget=budget, sink_blocks=1, dense_layers=0, speculate=False)
+    g = torch.Generator().manual_seed(6)
+    for step in range(6):  # across a block boundary: the tail fills and a block is compressed
+        q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+        for layer in range(2):
+            if budget != "all":
+                assert torch.equal(twins._selection(layer, q[:, 0]), compiled._selection(layer, q[:, 0]))
+            want, got = twins.attend(layer, q, k, v), compiled.attend(layer, q, k, v)
+            assert (got - want).abs().max().item() < 2e-4, (step, layer)
+        for c in (twins, compiled):
+            c.commit(1)
+
+
 def test_dense_layers_attend_every_block_whatever_the_budget(tmp_path):
     a, b = tiered(tmp_path / "a"), tiered(tmp_path / "b")
     for c in (a, b):

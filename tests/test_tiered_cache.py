@@ -77,6 +77,19 @@ def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
         assert not torch.equal(keys[:, 4:n], ks[layer][:, 4:n])  # 4-bit really is lossy
 
 
+def test_new_blocks_go_to_the_device_cache_when_it_has_room_and_evict_nothing(tmp_path):
+    rows_per_layer = 2 * (256 // 4)  # Hkv x max_blocks: the least device cache a cache accepts
+    cache = small_cache(tmp_path, device_cache_bytes=rows_per_layer * BlockCodec(4, 4, 16).row_bytes)
+    store = cache.store
+    feed(cache, [100])  # one prefill chunk: 23 blocks per layer and KV head, 92 rows, none read yet
+    assert store.device_room() == rows_per_layer - 92
+    store.reset_counters()
+    store.get(torch.cat([cache.row_ids(layer) for layer in range(2)]))
+    assert store.stats()["device_misses"] == 0 and store.stats()["device_hits"] == 92
+    feed(cache, [40])  # 40 more rows than the 36 that fit: prefetching them would evict
+    assert store.device_room() == rows_per_layer - 92
+
+
 def test_values_of_compressed_blocks_are_the_codec_round_trip_in_the_rotated_basis(tmp_path):
     cache = small_cache(tmp_path)
     ks, vs = feed(cache, [20])

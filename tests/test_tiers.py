@@ -340,6 +340,21 @@ def test_prefetch_then_get_reads_each_row_once_and_counts_hits(tmp_path):
         assert store.stats()["prefetch_hits"] == 8  # a hit counts once per prefetched row
 
 
+def test_on_the_cpu_a_prefetch_of_ram_rows_is_done_when_it_returns(tmp_path):
+    with make_store(tmp_path, ram_rows=8, device_rows=6) as store:
+        ids = ids_of(range(10))
+        store.put(ids, rows_for(ids))  # 0, 1 spill to disk; 2..9 in RAM
+        assert store.device_room() == 6
+        store.prefetch(ids[4:8])  # RAM only: copied before prefetch returns, no thread
+        assert store._inflight == {} and store.stats()["prefetched_rows"] == 4
+        assert store.device_room() == 2
+        store.prefetch(ids[0:2])  # disk rows: read in the background, counted as taken room
+        assert store.device_room() == 0
+        assert torch.equal(store.get(ids[0:8]), rows_for(ids[0:8]))
+        stats = store.stats()
+        assert stats["prefetch_hits"] == 6 and stats["device_misses"] == 2
+
+
 def test_prefetch_and_get_from_two_threads_stay_consistent(tmp_path):
     with make_store(tmp_path, ram_rows=20, device_rows=10, disk_rows=200) as store:
         ids = ids_of(range(100))
