@@ -112,26 +112,25 @@ def merge(part_max, part_sum, part_acc, out):
 
 
 @functools.cache
-def _kernel(bits: int):
-    """The attention kernel for one bit width (bits, codes per byte and mask are
-    compile-time constants, so the unpacking loops unroll)."""
+def _kernel(bits: int, d: int, block_size: int, num_groups: int):
+    """The attention kernel for one row layout: bit width, head dim, block size and value
+    groups are compile-time constants (so the unpacking loops unroll and the loops over a
+    token's channels have fixed trip counts)."""
     cpb, mask = 8 // bits, (1 << bits) - 1
+    half, value_group = d // 2, d // num_groups
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
     def attend(q, sm_scale, rows, words, off, num_valid, rotate, start_index, cos_start, sin_start,
                cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, runs, out):
         """q [H, G, D] f32 (scores are sm_scale * q . k); rows [H, K, W] u8 and words, the same
         bytes as u16; off: byte offsets of the K and V codes, word offsets of K scale, K zero,
-        V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]), B and NG; num_valid [H] i64; when
+        V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]); num_valid [H] i64; when
         rotate, block j of head h starts at the angles of row start_index[h, j] of
         cos/sin_start [P, D/2], and cos/sin_offset [B, D/2] hold those of offsets 0..B-1;
         sink_k, sink_v [H, S, D] and tail_k, tail_v [H, L, D] f32: the exact tokens; runs:
         blocks of a head split into this many parallel runs; out [H, G, D]."""
-        num_heads, group, d = q.shape
-        half = d // 2
-        k_off, v_off, ks_w, kz_w, vs_w, vz_w, block_size, num_groups = (off[0], off[1], off[2], off[3],
-                                                                         off[4], off[5], off[6], off[7])
-        value_group = d // num_groups
+        num_heads, group = q.shape[0], q.shape[1]
+        k_off, v_off, ks_w, kz_w, vs_w, vz_w = off[0], off[1], off[2], off[3], off[4], off[5]
         part_max = np.empty((num_heads, runs, group), np.float32)
         part_sum = np.zeros((num_heads, runs, group), np.float32)
         part_acc = np.zeros((num_heads, runs, group, d), np.float32)
@@ -146,7 +145,7 @@ def _kernel(bits: int):
                 fold_exact(q, sm_scale, h, sink_k, sink_v, s, m, total, acc)
                 fold_exact(q, sm_scale, h, tail_k, tail_v, s, m, total, acc)
             for j in range(r * num_valid[h] // runs, (r + 1) * num_valid[h] // runs):
-                k_codes, v_codes = rows[h, j, k_off:], rows[h, j, v_off:]  # slices: see block_score_numba._score_nibbles
+                k_codes, v_codes = rows[h, j, k_off:], rows[h, j, v_off:]  # slices: see block_score_numba._nibble_kernel
                 k_scale, k_zero = words[h, j, ks_w:], words[h, j, kz_w:]
                 v_scale, v_zero = words[h, j, vs_w:], words[h, j, vz_w:]
                 for t in range(block_size):  # keys: codes of token t, lowest bits first
@@ -195,8 +194,7 @@ def _kernel(bits: int):
 def _layout(codec: BlockCodec) -> np.ndarray:
     """The kernel's ``off`` argument for rows of ``codec`` (read-only: shared by every call)."""
     t = tile_layout(codec)
-    off = np.array([t[name] for name in ("K_OFF", "V_OFF", "KS_OFF", "KZ_OFF", "VS_OFF", "VZ_OFF",
-                                         "BLOCK_SIZE", "NUM_VGROUPS")], dtype=np.int64)
+    off = np.array([t[name] for name in ("K_OFF", "V_OFF", "KS_OFF", "KZ_OFF", "VS_OFF", "VZ_OFF")], dtype=np.int64)
     off.flags.writeable = False
     return off
 
@@ -238,7 +236,7 @@ def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, rows: torch.Ten
     hkv, d = rows.shape[0], codec.head_dim
     out = torch.empty(hkv, q.shape[0] // hkv, d, dtype=torch.float32)
     sink_k, sink_v, tail_k, tail_v = (t.float().contiguous().numpy() for t in exact)
-    _kernel(codec.bits)(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, rows.numpy(), words(rows),
+    _kernel(codec.bits, d, codec.block_size, codec.num_groups)(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, rows.numpy(), words(rows),
                         _layout(codec), num_valid, rotate, start_index.contiguous().numpy(), cos_start.contiguous().numpy(),
                         sin_start.contiguous().numpy(), cos_offset.contiguous().numpy(),
                         sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, kernel_threads(), out.numpy())
