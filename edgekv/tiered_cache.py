@@ -61,6 +61,7 @@ class TieredKVCache:
         self.codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
         self.value_basis = value_rotation(head_dim, kv_bits, device)  # every value held is rotated by it
         self.max_blocks = -(-max_context // block_size)
+        self._head_rows = torch.arange(num_kv_heads)[:, None] * self.max_blocks  # [Hkv, 1]: row_ids' head offsets
         layer_rows = num_kv_heads * self.max_blocks
         check_budgets(self.codec.row_bytes, min_ram_rows=layer_rows, device_cache_bytes=device_cache_bytes,
                       ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=disk_dir is not None)
@@ -108,9 +109,8 @@ class TieredKVCache:
         every KV head (default: all compressed), or [num_kv_heads, n] per KV head."""
         if blocks is None:
             blocks = torch.arange(self.num_blocks)
-        blocks = blocks.cpu()
-        heads = torch.arange(self.num_kv_heads)[:, None]
-        return ((layer * self.num_kv_heads + heads) * self.max_blocks + blocks.expand(self.num_kv_heads, -1)).reshape(-1)
+        first = layer * self.num_kv_heads * self.max_blocks  # row of (layer, head 0, block 0)
+        return (self._head_rows + (blocks.cpu() + first)).reshape(-1)
 
     # ---- selection --------------------------------------------------------------------
     def _selection(self, layer: int, q: torch.Tensor) -> torch.Tensor | None:

@@ -284,13 +284,15 @@ class TierStore:
         """
         id_list, rb = _id_list(ids), self.row_bytes
         with self._lock:
-            pending = {self._inflight[i] for i in id_list if i in self._inflight}
+            pending = {self._inflight[i] for i in id_list if i in self._inflight} if self._inflight else ()
         if pending:
             wait(pending)
         with self._lock:
             self._check_open()
             dev, ram, c = self._dev, self._ram, self._counters
             slots = [dev.get(i) for i in id_list]
+            if None not in slots:  # every row cached (a decode step's usual case): no per-row branching
+                return self._get_cached(id_list, slots)
             self._check_known([i for i, slot in zip(id_list, slots) if slot is None])  # a cached row is stored
             hit_pos, hit_slots, miss_pos, miss_ids = [], [], [], []
             for pos, (i, slot) in enumerate(zip(id_list, slots)):
@@ -323,6 +325,24 @@ class TierStore:
             self._cache_insert(fetched, rows)
             self._mark_pool_used()
             return out
+
+    def _get_cached(self, id_list: list[int], slots: list[int]) -> torch.Tensor:
+        """get() of rows all in the device cache (lock held): the same LRU updates and counts."""
+        dev, ram, c = self._dev, self._ram, self._counters
+        for i in id_list:
+            dev.move_to_end(i)
+            if i in ram:
+                ram.move_to_end(i)
+        if self._prefetched:
+            first_reads = self._prefetched.intersection(id_list)
+            self._prefetched -= first_reads
+            c.prefetch_hits += len(first_reads)
+        c.device_hits += len(id_list)
+        c.bytes_read["device"] += len(id_list) * self.row_bytes
+        with self._timed("device"):
+            rows = self._w(self._dev_pool.rows).index_select(0, self._index(slots))
+        self._mark_pool_used()
+        return rows.view(torch.uint8)
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start caching the rows of ids (int64 [n]) on the device in the background.
