@@ -147,6 +147,22 @@ class TieredKVCache:
                              torch.empty(shape, dtype=self.dtype, device=self.device))
         return self._scratch
 
+    def _attend_compiled(self, layer: int, q: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The compiled CPU decode attention of q [Hq, D] over blocks block_ids [Hkv, k] (read in
+        the device cache when all are cached, else fetched), the sink and the tail; returns
+        the output [Hq, D] and the time the rows were at hand."""
+        ids = self.row_ids(layer, block_ids)
+        exact = (self.sink_k[layer], self.sink_v[layer], self.tail_k[layer], self.tail_v[layer])
+        with self.store.cached_rows(ids) as cached:
+            if cached is not None:
+                pool, slots = cached
+                ready = time.perf_counter()
+                return self.compiled.attend(q, pool, slots.view(block_ids.shape), block_ids, *exact), ready
+        rows = self.store.get(ids)
+        ready = time.perf_counter()
+        slots = torch.arange(rows.shape[0]).view(block_ids.shape)
+        return self.compiled.attend(q, rows, slots, block_ids, *exact), ready
+
     def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view);
         values in the stored basis (`edgekv.rotation`)."""
@@ -184,12 +200,11 @@ class TieredKVCache:
                 self.counters.candidate_blocks += self.num_kv_heads * self.num_blocks
             block_ids = block_ids[:, 1:]  # block 0 (always chosen, first) is the exact sink
             t1 = time.perf_counter()
-            rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
-            t2 = time.perf_counter()
             if self.compiled.attend is not None:
-                out = self.compiled.attend(q[:, 0], rows, block_ids, self.sink_k[layer], self.sink_v[layer],
-                                           self.tail_k[layer], self.tail_v[layer])
+                out, t2 = self._attend_compiled(layer, q[:, 0], block_ids)
             else:
+                rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
+                t2 = time.perf_counter()
                 exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
                 exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
                 out = sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,

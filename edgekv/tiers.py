@@ -328,6 +328,14 @@ class TierStore:
 
     def _get_cached(self, id_list: list[int], slots: list[int]) -> torch.Tensor:
         """get() of rows all in the device cache (lock held): the same LRU updates and counts."""
+        self._touch_cached(id_list)
+        with self._timed("device"):
+            rows = self._w(self._dev_pool.rows).index_select(0, self._index(slots))
+        self._mark_pool_used()
+        return rows.view(torch.uint8)
+
+    def _touch_cached(self, id_list: list[int]) -> None:
+        """Count a read of cached ids (lock held): most recent in both LRU orders, device hits."""
         dev, ram, c = self._dev, self._ram, self._counters
         for i in id_list:
             dev.move_to_end(i)
@@ -339,10 +347,27 @@ class TierStore:
             c.prefetch_hits += len(first_reads)
         c.device_hits += len(id_list)
         c.bytes_read["device"] += len(id_list) * self.row_bytes
-        with self._timed("device"):
-            rows = self._w(self._dev_pool.rows).index_select(0, self._index(slots))
-        self._mark_pool_used()
-        return rows.view(torch.uint8)
+
+    @contextlib.contextmanager
+    def cached_rows(self, ids: torch.Tensor):
+        """Read rows where they lie in the device cache, without copying them out.
+
+        Yields ``(pool, slots)``: pool uint8 ``[capacity, row_bytes]`` (the device cache)
+        and slots int64 ``[n]``, row ``ids[j]`` being ``pool[slots[j]]``, with the LRU
+        updates and counts of a get(); or None when some id is not cached (then call
+        get()). The store's lock is held until the block ends, so no prefetch evicts or
+        moves a row while the caller reads it: keep the block short.
+        """
+        id_list = _id_list(ids)
+        with self._lock:
+            self._check_open()
+            slots = [self._dev.get(i) for i in id_list]
+            if None in slots or (self._inflight and any(i in self._inflight for i in id_list)):
+                yield None
+                return
+            self._touch_cached(id_list)
+            yield self._dev_pool.rows, self._index(slots)
+            self._mark_pool_used()
 
     def prefetch(self, ids: torch.Tensor) -> None:
         """Start caching the rows of ids (int64 [n]) on the device in the background.

@@ -35,8 +35,8 @@ __all__ = ["CompiledDecode", "CompressedBlocks", "bound_scores", "compiled_decod
 class CompiledDecode:
     """A KV cache's decode-step kernels with their constants made once (None: use the
     per-call functions above). select(q, summaries, num_blocks, k, sink_blocks) -> ids is
-    `NumbaBlockSelector`; attend(q, rows, block_ids, sink_k, sink_v, tail_k, tail_v) -> out
-    is `NumbaSparseAttention`."""
+    `NumbaBlockSelector`; attend(q, pool, slots, block_ids, sink_k, sink_v, tail_k, tail_v)
+    -> out is `NumbaSparseAttention`."""
 
     select: Callable | None = None
     attend: Callable | None = None
@@ -77,7 +77,7 @@ def warm_up(compiled: CompiledDecode, codec: BlockCodec, key_codec: BlockCodec |
         compiled.select(q, key_copy(summaries, key_codec), 2, 1, 1)
     if compiled.attend is not None:
         k = torch.zeros(num_kv_heads, 2 * codec.block_size, d)
-        rows = compress_blocks(k, k, codec, backend="torch").rows  # [Hkv, 2, row_bytes]
+        pool = compress_blocks(k, k, codec, backend="torch").rows.reshape(-1, codec.row_bytes)  # [Hkv*2, row_bytes]
         ids = torch.zeros(num_kv_heads, 2, dtype=torch.int64)
         exact = torch.zeros(num_kv_heads, 3, d)
-        compiled.attend(q, rows, ids, exact, exact, exact, exact)
+        compiled.attend(q, pool, torch.arange(2 * num_kv_heads).view(num_kv_heads, 2), ids, exact, exact, exact, exact)

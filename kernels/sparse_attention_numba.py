@@ -120,10 +120,10 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
     half, value_group = d // 2, d // num_groups
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
-    def attend(q, sm_scale, rows, words, off, num_valid, rotate, start_index, cos_start, sin_start,
+    def attend(q, sm_scale, pool, words, slots, off, num_valid, rotate, start_index, cos_start, sin_start,
                cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, runs, out):
-        """q [H, G, D] f32 (scores are sm_scale * q . k); rows [H, K, W] u8 and words, the same
-        bytes as u16; off: byte offsets of the K and V codes, word offsets of K scale, K zero,
+        """q [H, G, D] f32 (scores are sm_scale * q . k); pool [P, W] u8 and words, the same
+        bytes as u16: block j of head h is row slots[h, j] (i64 [H, K]); off: byte offsets of the K and V codes, word offsets of K scale, K zero,
         V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]); num_valid [H] i64; when
         rotate, block j of head h starts at the angles of row start_index[h, j] of
         cos/sin_start [P, D/2], and cos/sin_offset [B, D/2] hold those of offsets 0..B-1;
@@ -145,9 +145,10 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
                 fold_exact(q, sm_scale, h, sink_k, sink_v, s, m, total, acc)
                 fold_exact(q, sm_scale, h, tail_k, tail_v, s, m, total, acc)
             for j in range(r * num_valid[h] // runs, (r + 1) * num_valid[h] // runs):
-                k_codes, v_codes = rows[h, j, k_off:], rows[h, j, v_off:]  # slices: see block_score_numba._nibble_kernel
-                k_scale, k_zero = words[h, j, ks_w:], words[h, j, kz_w:]
-                v_scale, v_zero = words[h, j, vs_w:], words[h, j, vz_w:]
+                row = slots[h, j]
+                k_codes, v_codes = pool[row, k_off:], pool[row, v_off:]  # slices: see block_score_numba._nibble_kernel
+                k_scale, k_zero = words[row, ks_w:], words[row, kz_w:]
+                v_scale, v_zero = words[row, vs_w:], words[row, vz_w:]
                 for t in range(block_size):  # keys: codes of token t, lowest bits first
                     for i in range(d // cpb):
                         byte = k_codes[t * (d // cpb) + i]
@@ -223,23 +224,26 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
         cos_start = sin_start = cos_offset = sin_offset = torch.zeros(1, d // 2)
         start_index = torch.zeros(hkv, ksel, dtype=torch.int64)
     empty = torch.empty(hkv, 0, d)
-    out = _attend(codec, q, d**-0.5 if sm_scale is None else sm_scale, aligned_rows(rows, codec, 3),
+    pool = aligned_rows(rows, codec, 3).reshape(hkv * ksel, codec.row_bytes)  # block j of head h: row h*ksel + j
+    out = _attend(codec, q, d**-0.5 if sm_scale is None else sm_scale, pool, torch.arange(hkv * ksel).view(hkv, ksel),
                   valid.numpy(), block_ids is not None, start_index, cos_start, sin_start, cos_offset, sin_offset,
                   (empty, empty, tail_k, tail_v))
     return out.view(hkv * group, d).to(q.dtype)
 
 
-def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, rows: torch.Tensor, num_valid: np.ndarray,
-            rotate: bool, start_index: torch.Tensor, cos_start: torch.Tensor, sin_start: torch.Tensor,
-            cos_offset: torch.Tensor, sin_offset: torch.Tensor, exact: tuple[torch.Tensor, ...]) -> torch.Tensor:
+def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, pool: torch.Tensor, slots: torch.Tensor,
+            num_valid: np.ndarray, rotate: bool, start_index: torch.Tensor, cos_start: torch.Tensor,
+            sin_start: torch.Tensor, cos_offset: torch.Tensor, sin_offset: torch.Tensor,
+            exact: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Run the kernel (arguments as `_kernel`'s, as tensors); returns [H, G, D] fp32."""
-    hkv, d = rows.shape[0], codec.head_dim
+    hkv, d = slots.shape[0], codec.head_dim
     out = torch.empty(hkv, q.shape[0] // hkv, d, dtype=torch.float32)
     sink_k, sink_v, tail_k, tail_v = (t.float().contiguous().numpy() for t in exact)
-    _kernel(codec.bits, d, codec.block_size, codec.num_groups)(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, rows.numpy(), words(rows),
-                        _layout(codec), num_valid, rotate, start_index.contiguous().numpy(), cos_start.contiguous().numpy(),
-                        sin_start.contiguous().numpy(), cos_offset.contiguous().numpy(),
-                        sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, kernel_threads(), out.numpy())
+    kernel = _kernel(codec.bits, d, codec.block_size, codec.num_groups)
+    kernel(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, pool.numpy(), words(pool),
+           slots.contiguous().numpy(), _layout(codec), num_valid, rotate, start_index.contiguous().numpy(),
+           cos_start.contiguous().numpy(), sin_start.contiguous().numpy(), cos_offset.contiguous().numpy(),
+           sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, kernel_threads(), out.numpy())
     return out
 
 
@@ -247,8 +251,9 @@ class NumbaSparseAttention:
     """`sparse_decode_attention` for one KV cache's decode steps on the CPU: pre-RoPE rows of
     ``codec`` at blocks below ``max_blocks``, with the rotation angles of every block start
     made once (the per-call wrapper makes those of the selected blocks each call) and the
-    exact sink and tail passed apart (no concatenation per step). No argument checks: the
-    caller hands it rows from its own store."""
+    exact sink and tail passed apart (no concatenation per step); the blocks are read where
+    they lie in a row pool (the store's device cache: no gathered copy). No argument checks:
+    the caller hands it rows from its own store."""
 
     def __init__(self, codec: BlockCodec, rope_inv_freq: torch.Tensor, max_blocks: int):
         if codec.bits == 16 or codec.head_dim % codec.codes_per_byte or codec.head_dim % 2:
@@ -258,11 +263,12 @@ class NumbaSparseAttention:
         self.cos_start, self.sin_start = rope_cos_sin(torch.arange(max_blocks) * b, rope_inv_freq.cpu())
         self.cos_offset, self.sin_offset = rope_cos_sin(torch.arange(b), rope_inv_freq.cpu())
 
-    def __call__(self, q: torch.Tensor, rows: torch.Tensor, block_ids: torch.Tensor, sink_k: torch.Tensor,
-                 sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor) -> torch.Tensor:
-        """q [Hq, D]; rows uint8 [Hkv, k, row_bytes] of blocks block_ids int64 [Hkv, k];
-        sink_k/v [Hkv, S, D] and tail_k/v [Hkv, L, D]: the exact tokens. Returns [Hq, D] in q's dtype."""
+    def __call__(self, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, block_ids: torch.Tensor,
+                 sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor) -> torch.Tensor:
+        """q [Hq, D]; pool uint8 [P, row_bytes] (contiguous) holds block block_ids[h, j] of KV
+        head h in row slots[h, j] (both int64 [Hkv, k]); sink_k/v [Hkv, S, D] and tail_k/v
+        [Hkv, L, D]: the exact tokens. Returns [Hq, D] in q's dtype."""
         hkv, ksel = block_ids.shape
-        out = _attend(self.codec, q, self.sm_scale, rows, np.full(hkv, ksel, np.int64), True, block_ids,
+        out = _attend(self.codec, q, self.sm_scale, pool, slots, np.full(hkv, ksel, np.int64), True, block_ids,
                       self.cos_start, self.sin_start, self.cos_offset, self.sin_offset, (sink_k, sink_v, tail_k, tail_v))
         return out.view(q.shape).to(q.dtype)

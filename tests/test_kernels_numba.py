@@ -183,7 +183,10 @@ def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, si
     ids = make_block_ids(hkv, ksel + 1, 54, top=200).cpu()[:, 1:]  # a strided view, as the cache passes it
     inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     attend = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu")).attend
-    got = attend(q, rows, ids, sink_k, sink_v, tail_k, tail_v)
+    pool = torch.randint(0, 256, (hkv * ksel + 9, codec.row_bytes), dtype=torch.uint8)  # a row pool, as a device cache
+    slots = torch.randperm(pool.shape[0])[:hkv * ksel].view(hkv, ksel)  # where each selected block lies in it
+    pool[slots.reshape(-1)] = rows.reshape(-1, codec.row_bytes)
+    got = attend(q, pool, slots, ids, sink_k, sink_v, tail_k, tail_v)
     want = sparse_decode_attention(q, rows, codec, torch.cat((sink_k, tail_k), 1), torch.cat((sink_v, tail_v), 1),
                                    block_ids=ids, rope_inv_freq=inv, backend="torch")
     assert got.shape == want.shape and got.dtype == dtype

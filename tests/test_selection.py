@@ -157,9 +157,12 @@ def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(
 
 
 @pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
-@pytest.mark.parametrize("budget", [20, "all"])
-def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget):
-    twins, compiled = tiered(tmp_path / "a"), tiered(tmp_path / "b", kernels="numba")
+@pytest.mark.parametrize("budget,device_layers", [(20, 8), ("all", 8), (20, 1)])
+def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget, device_layers):
+    # device_layers 1: the device cache holds one layer's rows, so each layer's read finds
+    # the other's rows evicted (read with get) where 8 finds them in place (cached_rows)
+    device = device_layers * 2 * (512 // 4) * BlockCodec(4, 4, 16).row_bytes
+    twins, compiled = tiered(tmp_path / "a"), tiered(tmp_path / "b", kernels="numba", device_cache_bytes=device)
     assert twins.compiled.select is None and compiled.compiled.select is not None
     for c in (twins, compiled):
         fill(c, 100)

@@ -355,6 +355,27 @@ def test_on_the_cpu_a_prefetch_of_ram_rows_is_done_when_it_returns(tmp_path):
         assert stats["prefetch_hits"] == 6 and stats["device_misses"] == 2
 
 
+def test_cached_rows_are_read_in_place_like_get_reads_them(tmp_path):
+    with make_store(tmp_path, ram_rows=8, device_rows=6) as store:
+        ids = ids_of(range(8))
+        store.put(ids, rows_for(ids))
+        store.get(ids[2:6])  # cached on the device
+        store.reset_counters()
+        with store.cached_rows(ids_of([5, 2, 3])) as cached:
+            pool, slots = cached
+            assert torch.equal(pool[slots], rows_for(ids_of([5, 2, 3])))
+            held = threading.Thread(target=store.prefetch, args=(ids[6:8],))  # would evict while we read
+            held.start()
+            held.join(timeout=0.2)
+            assert held.is_alive()  # the store's lock is ours until the block ends
+        held.join()
+        stats = store.stats()
+        assert stats["device_hits"] == 3 and stats["bytes_read"]["device"] == 3 * ROW
+        with store.cached_rows(ids_of([2, 0])) as cached:  # 0 is not cached: read it with get
+            assert cached is None
+        assert torch.equal(store.get(ids_of([2, 0])), rows_for(ids_of([2, 0])))
+
+
 def test_prefetch_and_get_from_two_threads_stay_consistent(tmp_path):
     with make_store(tmp_path, ram_rows=20, device_rows=10, disk_rows=200) as store:
         ids = ids_of(range(100))
