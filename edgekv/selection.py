@@ -110,8 +110,16 @@ class BlockSummaries:
 
     def write(self, layer: int, first_block: int, keys: torch.Tensor) -> None:
         """Summarize rotated keys [Hkv, n*B, D] of blocks first_block .. first_block+n-1."""
-        s = self.scorer.summarize(keys, self.codec, self.backend)
-        self.layers[layer][:, first_block:first_block + s.shape[1]] = s
+        self.write_layers(range(layer, layer + 1), first_block, keys[None])
+
+    def write_layers(self, layers: range, first_block: int, keys: torch.Tensor) -> None:
+        """Summarize rotated keys [len(layers), Hkv, n*B, D] of blocks first_block .. of each
+        layer, in one call of the scorer (its ops run once, not once per layer)."""
+        num_layers, hkv = keys.shape[0], keys.shape[1]
+        s = self.scorer.summarize(keys.reshape(num_layers * hkv, *keys.shape[2:]), self.codec, self.backend)
+        s = s.view(num_layers, hkv, *s.shape[1:])
+        for i, layer in enumerate(layers):
+            self.layers[layer][:, first_block:first_block + s.shape[2]] = s[i]
 
     def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
         """[Hkv, num_blocks] fp32 scores of the first num_blocks blocks for q [Hq, D]."""

@@ -228,21 +228,25 @@ class TieredKVCache:
         n, B = new_blocks, self.block_size
         blocks = torch.arange(self.num_blocks, self.num_blocks + n)
         positions = torch.arange(self.num_blocks * B, (self.num_blocks + n) * B, device=self.device)
-        for layer in range(self.num_layers):
-            if self.num_blocks == 0:
-                self.sink_k[layer] = self.tail_k[layer][:, :B].clone()
-                self.sink_v[layer] = self.tail_v[layer][:, :B].clone()
-            self.summaries.write(layer, self.num_blocks, self.tail_k[layer][:, : n * B])
-            keys = rotate_keys(self.tail_k[layer][:, : n * B], positions, self.rope_inv_freq, inverse=True)
-            packed = compress_blocks(keys, self.tail_v[layer][:, : n * B],
-                                     self.codec, backend=self.kernels)  # rows [Hkv, n, row_bytes]
-            self.store.put(self.row_ids(layer, blocks), packed.rows.reshape(-1, self.codec.row_bytes))
-            self.tail_k[layer] = self.tail_k[layer][:, n * B:].clone()
-            self.tail_v[layer] = self.tail_v[layer][:, n * B:].clone()
+        if self.num_blocks == 0:
+            self.sink_k = [t[:, :B].clone() for t in self.tail_k]
+            self.sink_v = [t[:, :B].clone() for t in self.tail_v]
+        # every layer's new blocks in one batch: [layers, Hkv, n*B, D] (the compression and
+        # summary ops run once per commit, not once per layer: 30 layers took 35-47 ms apart)
+        keys = torch.stack([t[:, : n * B] for t in self.tail_k])
+        values = torch.stack([t[:, : n * B] for t in self.tail_v])
+        layers = range(self.num_layers)
+        self.summaries.write_layers(layers, self.num_blocks, keys)
+        keys = rotate_keys(keys, positions, self.rope_inv_freq, inverse=True)
+        packed = compress_blocks(keys.flatten(0, 1), values.flatten(0, 1), self.codec,
+                                 backend=self.kernels)  # rows [layers*Hkv, n, row_bytes]
+        new_ids = torch.cat([self.row_ids(layer, blocks) for layer in layers])
+        self.store.put(new_ids, packed.rows.reshape(-1, self.codec.row_bytes))
+        self.tail_k = [t[:, n * B:].clone() for t in self.tail_k]
+        self.tail_v = [t[:, n * B:].clone() for t in self.tail_v]
         self.num_blocks += n
         # the newest blocks are among the next steps' likeliest reads: copy them to the device
         # cache now, in the background, where that evicts nothing (else a step's first read waits)
-        new_ids = torch.cat([self.row_ids(layer, blocks) for layer in range(self.num_layers)])
         if self.store.device_room() >= len(new_ids):
             self.store.prefetch(new_ids)
 
