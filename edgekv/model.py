@@ -191,6 +191,8 @@ class Decoder(torch.nn.Module):
         self.dtype, self.device = dtype, device
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == weight.dtype == torch.float32:  # the same arithmetic in one op
+            return F.rms_norm(x, (x.shape[-1],), weight, self.shape.rms_eps)
         x32 = x.to(torch.float32)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.shape.rms_eps)
         return weight * x32.to(x.dtype)
@@ -220,12 +222,11 @@ class Decoder(torch.nn.Module):
                 q_bias = None if nxt["qkv_bias"] is None else nxt["qkv_bias"][:q_rows]
                 q_next = linear(h, nxt["qkv"][:q_rows], q_bias).view(s.num_heads, s.head_dim)
                 kv.speculate(i + 1, q_next * cos[0] + _rotate_half(q_next) * sin[0])
-            q, k, v = linear(h, w["qkv"], w["qkv_bias"]).split((q_rows, kv_rows, kv_rows), dim=-1)
-            q = q.reshape(T, s.num_heads, s.head_dim).transpose(0, 1)
-            k = k.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+            qk, v = linear(h, w["qkv"], w["qkv_bias"]).split((q_rows + kv_rows, kv_rows), dim=-1)
+            qk = qk.reshape(T, s.num_heads + s.num_kv_heads, s.head_dim).transpose(0, 1)
+            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together: [Hq + Hkv, T, D]
+            q, k = qk[:s.num_heads], qk[s.num_heads:]
             v = v.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
-            q = q * cos + _rotate_half(q) * sin  # [Hq, T, D]
-            k = k * cos + _rotate_half(k) * sin  # [Hkv, T, D]
             attn = kv.attend(i, q, k, v)  # [Hq, T, D]
             x = x + linear(attn.transpose(0, 1).reshape(T, q_rows), w["o"], w["o_bias"])
             h = self._rms_norm(x, w["ln2"])

@@ -77,6 +77,7 @@ class TieredKVCache:
         empty = torch.empty((num_kv_heads, 0, head_dim), dtype=dtype, device=device)
         self.tail_k = [empty] * num_layers
         self.tail_v = [empty] * num_layers
+        self._tail_buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers  # see _append_tail
         self.sink_k = [empty] * num_layers  # block 0, exact (once it is compressed)
         self.sink_v = [empty] * num_layers
         self.num_blocks = 0  # compressed blocks per layer (and KV head)
@@ -152,16 +153,17 @@ class TieredKVCache:
         the device cache when all are cached, else fetched), the sink and the tail; returns
         the output [Hq, D] and the time the rows were at hand."""
         ids = self.row_ids(layer, block_ids)
-        exact = (self.sink_k[layer], self.sink_v[layer], self.tail_k[layer], self.tail_v[layer])
+        exact = (self.sink_k[layer], self.sink_v[layer], *self._tail_buffers[layer])  # the tail read in place
+        tail = self.tail_k[layer].shape[1]
         with self.store.cached_rows(ids) as cached:
             if cached is not None:
                 pool, slots = cached
                 ready = time.perf_counter()
-                return self.compiled.attend(q, pool, slots.view(block_ids.shape), block_ids, *exact), ready
+                return self.compiled.attend(q, pool, slots.view(block_ids.shape), block_ids, *exact, tail), ready
         rows = self.store.get(ids)
         ready = time.perf_counter()
         slots = torch.arange(rows.shape[0]).view(block_ids.shape)
-        return self.compiled.attend(q, rows, slots, block_ids, *exact), ready
+        return self.compiled.attend(q, rows, slots, block_ids, *exact, tail), ready
 
     def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view);
@@ -183,9 +185,29 @@ class TieredKVCache:
         v_buf[:, compressed:compressed + tail] = self.tail_v[layer]
         return k_buf[:, :compressed + tail], v_buf[:, :compressed + tail]
 
+    def _append_tail(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v [Hkv, T, D] (v in the stored basis) to layer's exact tail.
+
+        The tail lives in a buffer with room to grow, tail_k/v[layer] being views of its
+        first tokens, so a decode step writes its token instead of copying the whole tail
+        (two copies of ~100 tokens per layer and step before). A tail that is not such a
+        view (commit, import) moves into a new buffer; after a truncate, appends reuse the space
+        of the dropped tokens."""
+        tail_k, tail_v = self.tail_k[layer], self.tail_v[layer]
+        n, t = tail_k.shape[1], k.shape[1]
+        buf = self._tail_buffers[layer]
+        if (buf is None or n + t > buf[0].shape[1] or tail_k.data_ptr() != buf[0].data_ptr()
+                or tail_v.data_ptr() != buf[1].data_ptr()):
+            capacity = max(2 * (n + t), self.recent_window + 2 * self.block_size)
+            buf = tuple(torch.empty((self.num_kv_heads, capacity, self.head_dim), dtype=k.dtype, device=self.device)
+                        for _ in range(2))
+            buf[0][:, :n], buf[1][:, :n] = tail_k, tail_v
+            self._tail_buffers[layer] = buf
+        buf[0][:, n:n + t], buf[1][:, n:n + t] = k, v
+        self.tail_k[layer], self.tail_v[layer] = buf[0][:, :n + t], buf[1][:, :n + t]
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self.tail_k[layer] = torch.cat((self.tail_k[layer], k), dim=1)
-        self.tail_v[layer] = torch.cat((self.tail_v[layer], rotate(v, self.value_basis)), dim=1)
+        self._append_tail(layer, k, rotate(v, self.value_basis))
         one_query = q.shape[1] == 1  # a decode step: the fused kernel over packed rows
         if one_query:
             t0 = time.perf_counter()

@@ -73,12 +73,13 @@ def fold(s, v, length, m, total, acc):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def fold_exact(q, sm_scale, h, keys, values, s, m, total, acc):
-    """Fold the exact tokens keys, values [H, L, D] of head h into the running softmax."""
+def fold_exact(q, sm_scale, h, keys, values, length, s, m, total, acc):
+    """Fold the first `length` exact tokens of keys, values [H, >= length, D] of head h into
+    the running softmax."""
     group, d = q.shape[1], q.shape[2]
     chunk = s.shape[1]
-    for start in range(0, keys.shape[1], chunk):
-        n = min(chunk, keys.shape[1] - start)
+    for start in range(0, length, chunk):
+        n = min(chunk, length - start)
         for g in range(group):
             for t in range(n):
                 dot = np.float32(0.0)
@@ -121,13 +122,14 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
     def attend(q, sm_scale, pool, words, slots, off, num_valid, rotate, start_index, cos_start, sin_start,
-               cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, runs, out):
+               cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, tail_len, runs, out):
         """q [H, G, D] f32 (scores are sm_scale * q . k); pool [P, W] u8 and words, the same
         bytes as u16: block j of head h is row slots[h, j] (i64 [H, K]); off: byte offsets of the K and V codes, word offsets of K scale, K zero,
         V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]); num_valid [H] i64; when
         rotate, block j of head h starts at the angles of row start_index[h, j] of
         cos/sin_start [P, D/2], and cos/sin_offset [B, D/2] hold those of offsets 0..B-1;
-        sink_k, sink_v [H, S, D] and tail_k, tail_v [H, L, D] f32: the exact tokens; runs:
+        sink_k, sink_v [H, S, D] and the first tail_len tokens of tail_k, tail_v [H, >= tail_len, D]
+        f32: the exact tokens; runs:
         blocks of a head split into this many parallel runs; out [H, G, D]."""
         num_heads, group = q.shape[0], q.shape[1]
         k_off, v_off, ks_w, kz_w, vs_w, vz_w = off[0], off[1], off[2], off[3], off[4], off[5]
@@ -142,8 +144,8 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
             m, total, acc = part_max[h, r], part_sum[h, r], part_acc[h, r]
             m[:] = -np.inf
             if r == 0:
-                fold_exact(q, sm_scale, h, sink_k, sink_v, s, m, total, acc)
-                fold_exact(q, sm_scale, h, tail_k, tail_v, s, m, total, acc)
+                fold_exact(q, sm_scale, h, sink_k, sink_v, sink_k.shape[1], s, m, total, acc)
+                fold_exact(q, sm_scale, h, tail_k, tail_v, tail_len, s, m, total, acc)
             for j in range(r * num_valid[h] // runs, (r + 1) * num_valid[h] // runs):
                 row = slots[h, j]
                 k_codes, v_codes = pool[row, k_off:], pool[row, v_off:]  # slices: see block_score_numba._nibble_kernel
@@ -227,14 +229,14 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
     pool = aligned_rows(rows, codec, 3).reshape(hkv * ksel, codec.row_bytes)  # block j of head h: row h*ksel + j
     out = _attend(codec, q, d**-0.5 if sm_scale is None else sm_scale, pool, torch.arange(hkv * ksel).view(hkv, ksel),
                   valid.numpy(), block_ids is not None, start_index, cos_start, sin_start, cos_offset, sin_offset,
-                  (empty, empty, tail_k, tail_v))
+                  (empty, empty, tail_k, tail_v), tail_k.shape[1])
     return out.view(hkv * group, d).to(q.dtype)
 
 
 def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, pool: torch.Tensor, slots: torch.Tensor,
             num_valid: np.ndarray, rotate: bool, start_index: torch.Tensor, cos_start: torch.Tensor,
             sin_start: torch.Tensor, cos_offset: torch.Tensor, sin_offset: torch.Tensor,
-            exact: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            exact: tuple[torch.Tensor, ...], tail_len: int) -> torch.Tensor:
     """Run the kernel (arguments as `_kernel`'s, as tensors); returns [H, G, D] fp32."""
     hkv, d = slots.shape[0], codec.head_dim
     out = torch.empty(hkv, q.shape[0] // hkv, d, dtype=torch.float32)
@@ -243,7 +245,7 @@ def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, pool: torch.Ten
     kernel(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, pool.numpy(), words(pool),
            slots.contiguous().numpy(), _layout(codec), num_valid, rotate, start_index.contiguous().numpy(),
            cos_start.contiguous().numpy(), sin_start.contiguous().numpy(), cos_offset.contiguous().numpy(),
-           sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, kernel_threads(), out.numpy())
+           sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, tail_len, kernel_threads(), out.numpy())
     return out
 
 
@@ -264,11 +266,14 @@ class NumbaSparseAttention:
         self.cos_offset, self.sin_offset = rope_cos_sin(torch.arange(b), rope_inv_freq.cpu())
 
     def __call__(self, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, block_ids: torch.Tensor,
-                 sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor) -> torch.Tensor:
+                 sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+                 tail_len: int | None = None) -> torch.Tensor:
         """q [Hq, D]; pool uint8 [P, row_bytes] (contiguous) holds block block_ids[h, j] of KV
-        head h in row slots[h, j] (both int64 [Hkv, k]); sink_k/v [Hkv, S, D] and tail_k/v
-        [Hkv, L, D]: the exact tokens. Returns [Hq, D] in q's dtype."""
+        head h in row slots[h, j] (both int64 [Hkv, k]); sink_k/v [Hkv, S, D] and the first
+        tail_len (default: all) tokens of tail_k/v [Hkv, >= tail_len, D]: the exact tokens
+        (a tail buffer with room to grow is read in place). Returns [Hq, D] in q's dtype."""
         hkv, ksel = block_ids.shape
         out = _attend(self.codec, q, self.sm_scale, pool, slots, np.full(hkv, ksel, np.int64), True, block_ids,
-                      self.cos_start, self.sin_start, self.cos_offset, self.sin_offset, (sink_k, sink_v, tail_k, tail_v))
+                      self.cos_start, self.sin_start, self.cos_offset, self.sin_offset, (sink_k, sink_v, tail_k, tail_v),
+                      tail_k.shape[1] if tail_len is None else tail_len)
         return out.view(q.shape).to(q.dtype)

@@ -90,6 +90,21 @@ def test_new_blocks_go_to_the_device_cache_when_it_has_room_and_evict_nothing(tm
     assert store.device_room() == rows_per_layer - 92
 
 
+def test_the_exact_tail_grows_in_place_and_survives_commits_and_truncation(tmp_path):
+    cache = small_cache(tmp_path)
+    ks, _ = feed(cache, [6] + [1] * 9)  # a prefill chunk, then decode steps across a block boundary
+    n = cache.num_blocks * 4
+    assert torch.equal(cache.tail_k[0], ks[0][:, n:])
+    buffer = cache._tail_buffers[0][0]
+    feed(cache, [1], seed=1)
+    assert cache.tail_k[0].data_ptr() == buffer.data_ptr()  # the step wrote its token, nothing was copied
+    kept = cache.truncate(cache.length - 2)
+    more, _ = feed(cache, [1, 1], seed=2)
+    keys, _ = cache.layer_keys_values(0)
+    assert cache.length == kept + 2 and torch.equal(keys[:, -2:], more[0])
+    assert torch.equal(keys[:, n:kept], ks[0][:, n:kept])  # the tokens before the cut are intact
+
+
 def test_values_of_compressed_blocks_are_the_codec_round_trip_in_the_rotated_basis(tmp_path):
     cache = small_cache(tmp_path)
     ks, vs = feed(cache, [20])
