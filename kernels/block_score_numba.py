@@ -35,7 +35,7 @@ from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, row_offsets, tile_layout
 from .block_score import check_combine, query_group, score_blocks_torch
-from .numba_support import half_to_float, kernel_threads, words
+from .numba_support import kernel_threads, widen_halves, words
 
 
 CHUNKS_PER_THREAD = 4  # work chunks per thread: blocks of one chunk may be cheaper than another's
@@ -71,9 +71,8 @@ def _kernel(bits: int, d: int, block_size: int):
                         byte = src[t * (d // cpb) + i]
                         for j in range(cpb):
                             k[t, i * cpb + j] = np.float32((byte >> (bits * j)) & mask)
-                for c in range(d):
-                    scale[c] = half_to_float(np.int32(scale_words[c]))
-                    zero[c] = half_to_float(np.int32(zero_words[c]))
+                widen_halves(scale_words, scale)
+                widen_halves(zero_words, zero)
                 best = np.float32(-np.inf)
                 for g in range(group):
                     bias = np.float32(0.0)
@@ -118,9 +117,8 @@ def _nibble_kernel(d: int, block_size: int):
                     low[i] = np.float32(src[i] & 15)
                 for i in range(block_size * width):
                     high[i] = np.float32(src[i] >> 4)
-                for c in range(d):
-                    scale[c] = half_to_float(np.int32(scale_words[c]))
-                    zero[c] = half_to_float(np.int32(zero_words[c]))
+                widen_halves(scale_words, scale)
+                widen_halves(zero_words, zero)
                 best = np.float32(-np.inf)
                 for g in range(group):
                     bias = np.float32(0.0)

@@ -37,6 +37,13 @@ def half_to_float(word):
     return -magnitude if word & 32768 else magnitude
 
 
+@njit(inline="always", cache=True)
+def widen_halves(words, out):
+    """out[c] = the fp32 value of fp16 bit pattern words[c], for every c < len(out)."""
+    for c in range(out.shape[0]):
+        out[c] = half_to_float(np.int32(words[c]))
+
+
 def words(rows: torch.Tensor) -> np.ndarray:
     """``uint16`` numpy view of uint8 rows ``[..., width]`` (width even, last dim contiguous)."""
     return rows.numpy().view(np.uint16)
