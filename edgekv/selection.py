@@ -31,8 +31,7 @@ from typing import Callable
 import torch
 
 from .kernels import bound_scores, compress_blocks, score_blocks
-from .kernels.block_score import top_blocks
-from .kernels.block_score import key_copy, key_copy_bytes
+from .kernels.block_score import key_copy, key_copy_bytes, top_blocks
 from .quant import BlockCodec
 
 

@@ -35,8 +35,8 @@ __all__ = ["CompiledDecode", "CompressedBlocks", "bound_scores", "compiled_decod
 class CompiledDecode:
     """A KV cache's decode-step kernels with their constants made once (None: use the
     per-call functions above). select(q, summaries, num_blocks, k, sink_blocks) -> ids is
-    `NumbaBlockSelector`; attend(q, pool, slots, block_ids, sink_k, sink_v, tail_k, tail_v)
-    -> out is `NumbaSparseAttention`."""
+    `NumbaBlockSelector`; attend(q, pool, slots, block_ids, sink_k, sink_v, tail_k, tail_v,
+    tail_len) -> out is `NumbaSparseAttention`."""
 
     select: Callable | None = None
     attend: Callable | None = None
