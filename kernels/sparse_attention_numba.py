@@ -51,7 +51,7 @@ from numba import njit, prange
 from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, tile_layout
-from .numba_support import half_to_float, kernel_threads, words
+from .numba_support import kernel_threads, widen_halves, words
 from .rope import rope_cos_sin
 from .sparse_attention import check_attention_args, sparse_decode_attention_torch, valid_block_mask
 
@@ -147,6 +147,9 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
             k = np.empty((block_size, d), np.float32)
             v = np.empty((block_size, d), np.float32)
             s = np.empty((group, max(block_size, 64)), np.float32)
+            k_scale_f, k_zero_f = np.empty(d, np.float32), np.empty(d, np.float32)
+            v_scale_f = np.empty(block_size * num_groups, np.float32)
+            v_zero_f = np.empty(block_size * num_groups, np.float32)
             m, total, acc = part_max[h, r], part_sum[h, r], part_acc[h, r]
             m[:] = -np.inf
             if r == 0:
@@ -162,11 +165,11 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
                         byte = k_codes[t * (d // cpb) + i]
                         for b in range(cpb):
                             k[t, i * cpb + b] = np.float32((byte >> (bits * b)) & mask)
-                for c in range(d):
-                    scale = half_to_float(np.int32(k_scale[c]))
-                    zero = half_to_float(np.int32(k_zero[c]))
-                    for t in range(block_size):
-                        k[t, c] = k[t, c] * scale + zero
+                widen_halves(k_scale, k_scale_f)
+                widen_halves(k_zero, k_zero_f)
+                for t in range(block_size):
+                    for c in range(d):
+                        k[t, c] = k[t, c] * k_scale_f[c] + k_zero_f[c]
                 if rotate:
                     cos_b, sin_b = cos_start[start_index[h, j]], sin_start[start_index[h, j]]
                     for t in range(block_size):
@@ -183,14 +186,15 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
                         for c in range(d):
                             dot += q[h, g, c] * k[t, c]
                         s[g, t] = dot * sm_scale
+                widen_halves(v_scale, v_scale_f)
+                widen_halves(v_zero, v_zero_f)
                 for t in range(block_size):  # values: codes, then per token and channel group
                     for i in range(d // cpb):
                         byte = v_codes[t * (d // cpb) + i]
                         for b in range(cpb):
                             v[t, i * cpb + b] = np.float32((byte >> (bits * b)) & mask)
                     for grp in range(num_groups):
-                        scale = half_to_float(np.int32(v_scale[t * num_groups + grp]))
-                        zero = half_to_float(np.int32(v_zero[t * num_groups + grp]))
+                        scale, zero = v_scale_f[t * num_groups + grp], v_zero_f[t * num_groups + grp]
                         for c in range(grp * value_group, (grp + 1) * value_group):
                             v[t, c] = v[t, c] * scale + zero
                 fold(s, v, block_size, m, total, acc)

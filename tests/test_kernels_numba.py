@@ -122,6 +122,26 @@ def test_half_to_float_widens_every_fp16_bit_pattern_exactly():
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, -0.0 included
 
 
+def test_widen_halves_widens_every_finite_fp16_bit_pattern_exactly():
+    import numpy as np
+    from numba import njit
+
+    from edgekv.kernels.numba_support import widen_halves
+
+    @njit
+    def widen_all(words):
+        out = np.empty(words.shape[0], np.float32)
+        widen_halves(words, out)
+        return out
+
+    patterns = torch.arange(65536, dtype=torch.int32)
+    want = patterns.to(torch.int16).view(torch.float16).float()
+    finite = want.isfinite()
+    assert int(finite.sum()) == 65536 - 2 * 1024  # every pattern but the infinities and NaNs
+    got = torch.from_numpy(widen_all(patterns.numpy().astype(np.uint16)))
+    assert torch.equal(got[finite].view(torch.int32), want[finite].view(torch.int32))  # subnormals and -0.0 too
+
+
 @pytest.fixture
 def torch_threads():
     before = torch.get_num_threads()
