@@ -9,7 +9,10 @@ and tokens. Tasks:
 - agreement: greedy tokens of a summary of a document, compared position by position
   with the reference's (fraction equal, and the length of the identical prefix), and
   teacher-forced: the reference tokens fed back, the share of positions where the
-  config's greedy choice is the reference token.
+  config's greedy choice is the reference token. With several documents (taken at
+  even offsets through the pydoc text) the shares are means and `identical_docs`
+  counts the documents whose tokens all match: greedy identity hangs on near-ties
+  between the top two logits, so one document says little about a codec.
 - passkey: a number hidden at several depths of a real-text haystack; the answer must
   contain it (accuracy over trials).
 """
@@ -61,8 +64,37 @@ def run_ppl(engine, ids: list[int], score_tokens: int) -> tuple[float, dict]:
     return math.exp(float(nll.mean())), selection
 
 
-def run_agreement(engine, doc_tokens: int, new_tokens: int, reference: list[int] | None) -> dict:
-    """Greedy summary of a document, against the dense reference tokens when given.
+def agreement_documents(tokenizer, doc_tokens: int, count: int) -> list[list[int]]:
+    """`count` documents of `doc_tokens` token ids of the pydoc text: the first at its start
+    (`prompt_ids`), the others at even offsets through it."""
+    from pydoc_data.topics import topics
+
+    ids = tokenizer.encode("\n\n".join(topics[k] for k in sorted(topics)), add_special_tokens=False)
+    while len(ids) < doc_tokens:
+        ids = ids + ids
+    step = (len(ids) - doc_tokens) // count
+    return [ids[i * step:i * step + doc_tokens] for i in range(count)]
+
+
+def run_agreements(engine, documents: list[list[int]], new_tokens: int,
+                   references: list[list[int]] | None) -> dict:
+    """`run_agreement` over several documents: tokens per document; with references, the
+    mean shares, the first document's identical prefix, every document's
+    (`identical_prefixes`) and how many documents match in full (`identical_docs`)."""
+    results = [run_agreement(engine, doc, new_tokens, None if references is None else references[i])
+               for i, doc in enumerate(documents)]
+    row: dict = {"tokens": [r["tokens"] for r in results]}
+    if references is not None:
+        prefixes = [r["identical_prefix"] for r in results]
+        row.update(agreement=sum(r["agreement"] for r in results) / len(results),
+                   identical_prefix=prefixes[0], identical_prefixes=prefixes,
+                   identical_docs=sum(p == new_tokens for p in prefixes),
+                   forced_agreement=sum(r["forced_agreement"] for r in results) / len(results))
+    return row
+
+
+def run_agreement(engine, doc: list[int], new_tokens: int, reference: list[int] | None) -> dict:
+    """Greedy summary of a document (token ids), against the dense reference tokens when given.
 
     agreement: share of positions where the free-running greedy tokens equal the
     reference (one early difference changes every later token); identical_prefix: how
@@ -70,7 +102,7 @@ def run_agreement(engine, doc_tokens: int, new_tokens: int, reference: list[int]
     fed back (teacher forcing), the share of positions where this config's greedy choice
     is the reference token — each position judged on the same prefix.
     """
-    text = engine.tokenizer.decode(prompt_ids(engine.tokenizer, doc_tokens))
+    text = engine.tokenizer.decode(doc)
     prompt = engine.encode([{"role": "user", "content": text + "\n\nSummarise the text above."}])
     engine.reset()
     tokens = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
@@ -100,7 +132,8 @@ def run_passkey(engine, context: int, trials: int) -> float:
 
 def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: list[str], ppl_context: int,
                       score_tokens: int, agreement_doc: int, agreement_tokens: int,
-                      passkey_contexts: list[int], passkey_trials: int, plot: Path | None) -> list[dict]:
+                      passkey_contexts: list[int], passkey_trials: int, plot: Path | None,
+                      agreement_docs: int = 1) -> list[dict]:
     """Run each task for the dense reference and every config; print a table, plot, return rows."""
     from .engine import load
 
@@ -111,6 +144,9 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
     ids = prompt_ids(reference.tokenizer, ppl_context) if "ppl" in tasks else []
     if max(ppl_context, agreement_doc + agreement_tokens + 32, *passkey_contexts) > reference.max_context:
         raise EdgekvError(f"contexts must be <= the model's {reference.max_context} tokens")
+    if agreement_docs < 1:
+        raise EdgekvError(f"--agreement-docs must be at least 1 (got {agreement_docs})")
+    documents = agreement_documents(reference.tokenizer, agreement_doc, agreement_docs) if "agreement" in tasks else []
     rows = []
     all_configs = {"dense": {"offload": False}, **configs}
     ref_ppl = ref_tokens = None
@@ -125,10 +161,12 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row["ppl_ratio"] = row["ppl"] / ref_ppl
             row.update({k: v for k, v in selection.items() if v is not None})
         if "agreement" in tasks:
-            result = run_agreement(engine, agreement_doc, agreement_tokens, ref_tokens)
+            result = run_agreements(engine, documents, agreement_tokens, ref_tokens)
             if ref_tokens is None:  # the dense run is the reference: it agrees with itself
                 ref_tokens = result["tokens"]
-                result.update(agreement=1.0, identical_prefix=len(ref_tokens), forced_agreement=1.0)
+                result.update(agreement=1.0, identical_prefix=agreement_tokens, forced_agreement=1.0,
+                              identical_prefixes=[agreement_tokens] * len(documents),
+                              identical_docs=len(documents))
             row.update({k: v for k, v in result.items() if k != "tokens"})
         if "passkey" in tasks:
             for context in passkey_contexts:
@@ -152,6 +190,9 @@ def format_row(row: dict) -> str:
     if "agreement" in row:
         parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']}, "
                      f"teacher-forced {row['forced_agreement']:.0%})")
+        if len(row["identical_prefixes"]) > 1:
+            parts.append(f"identical on {row['identical_docs']} of {len(row['identical_prefixes'])} documents "
+                         f"(first differences: {', '.join(map(str, row['identical_prefixes']))})")
     parts += [f"{k} {v:.0%}" for k, v in row.items() if k.startswith("passkey@")]
     if "selected_fraction" in row:
         parts.append(f"blocks attended {row['selected_fraction']:.1%}")
@@ -165,7 +206,7 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
     if "ppl" in tasks:
         head += f" {'ppl':>8} {'vs dense':>9}"
     if "agreement" in tasks:
-        head += f" {'agree':>6} {'same first':>10} {'forced':>7}"
+        head += f" {'agree':>6} {'same first':>10} {'forced':>7} {'docs same':>9}"
     passkeys = [k for k in rows[0] if k.startswith("passkey@")]
     head += "".join(f" {k:>13}" for k in passkeys)
     head += f" {'blocks':>7} {'hit rate':>8}"
@@ -175,7 +216,8 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
         if "ppl" in tasks:
             line += f" {r['ppl']:>8.4f} {r['ppl_ratio']:>8.4f}x"
         if "agreement" in tasks:
-            line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10} {r['forced_agreement']:>7.0%}"
+            docs = f"{r['identical_docs']}/{len(r['identical_prefixes'])}"
+            line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10} {r['forced_agreement']:>7.0%} {docs:>9}"
         line += "".join(f" {r[k]:>13.0%}" for k in passkeys)
         line += f" {_share(r.get('selected_fraction')):>7} {_share(r.get('prefetch_hit_rate')):>8}"
         lines.append(line)

@@ -258,6 +258,7 @@ def bench_quality(
     score_tokens: int = typer.Option(512, "--score-tokens", help="Last tokens scored as decode steps."),
     agreement_doc: int = typer.Option(1024, "--agreement-doc", help="Tokens of the document summarised."),
     agreement_tokens: int = typer.Option(64, "--agreement-tokens", help="Greedy tokens compared."),
+    agreement_docs: int = typer.Option(1, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
     passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
     scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
@@ -278,7 +279,7 @@ def bench_quality(
         rows = run_quality_bench(model, configs, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                                  ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
                                  agreement_tokens=agreement_tokens, passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
-                                 passkey_trials=passkey_trials, plot=plot)
+                                 passkey_trials=passkey_trials, plot=plot, agreement_docs=agreement_docs)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 

@@ -87,7 +87,8 @@ class TieredKVCache:
                                         num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
                                         backend=kernels)
         self.compiled = compiled_decode(self.codec, key_copy_codec(self.codec) if scorer == "keys4" else None,
-                                        self.rope_inv_freq, self.max_blocks, backend=kernels, device=device)
+                                        self.rope_inv_freq, self.max_blocks, backend=kernels, device=device,
+                                        value_basis=self.value_basis)  # its outputs: in the model's basis
         self.counters = SelectionCounters()
         self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False)
         warm_up(self.compiled, self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads,
@@ -151,7 +152,8 @@ class TieredKVCache:
     def _attend_compiled(self, layer: int, q: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The compiled CPU decode attention of q [Hq, D] over blocks block_ids [Hkv, k] (read in
         the device cache when all are cached, else fetched), the sink and the tail; returns
-        the output [Hq, D] and the time the rows were at hand."""
+        the output [Hq, D] (in the model's basis: the kernel undoes the value rotation) and
+        the time the rows were at hand."""
         ids = self.row_ids(layer, block_ids)
         exact = (self.sink_k[layer], self.sink_v[layer], *self._tail_buffers[layer])  # the tail read in place
         tail = self.tail_k[layer].shape[1]
@@ -223,20 +225,20 @@ class TieredKVCache:
             block_ids = block_ids[:, 1:]  # block 0 (always chosen, first) is the exact sink
             t1 = time.perf_counter()
             if self.compiled.attend is not None:
-                out, t2 = self._attend_compiled(layer, q[:, 0], block_ids)
+                out, t2 = self._attend_compiled(layer, q[:, 0], block_ids)  # rotated back in the kernel
             else:
                 rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
                 t2 = time.perf_counter()
                 exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
                 exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
-                out = sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
-                                              block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
-                                              backend=self.kernels)
+                out = rotate(sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
+                                                     block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
+                                                     backend=self.kernels), self.value_basis, inverse=True)
             seconds = self.counters.seconds
             seconds["select"] += t1 - t0
             seconds["fetch"] += t2 - t1
             seconds["attend"] += time.perf_counter() - t2
-            return rotate(out, self.value_basis, inverse=True)[:, None]  # [Hq, 1, D]
+            return out[:, None]  # [Hq, 1, D]
         keys, values = self.layer_keys_values(layer)
         return rotate(dense_attention(q, keys, values, q_start=self.length), self.value_basis, inverse=True)
 

@@ -182,7 +182,8 @@ class TierStore:
         get(ids) ◄──────── device hot cache, LRU copies  ◄── prefetch(ids) (background thread)
                            uint8 [capacity, row_bytes] (on the GPU with CUDA, else RAM)
 
-    Both the device cache and the RAM home are LRU; get() touches both. All methods are
+    Both the device cache and the RAM home are LRU (`edgekv.lru.LruIndex`: a read stamps
+    its slots in one array write); get() touches both. All methods are
     thread-safe (one lock); a prefetch holds the lock while it reads, so it overlaps the
     caller's compute, not other store calls.
     """

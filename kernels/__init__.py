@@ -43,12 +43,14 @@ class CompiledDecode:
 
 
 def compiled_decode(codec: BlockCodec, key_codec: BlockCodec | None, rope_inv_freq: torch.Tensor,
-                    max_blocks: int, *, backend: str, device: torch.device) -> CompiledDecode:
+                    max_blocks: int, *, backend: str, device: torch.device,
+                    value_basis: torch.Tensor | None = None) -> CompiledDecode:
     """The compiled CPU decode step of a cache of pre-RoPE rows of ``codec`` (blocks below
     ``max_blocks``) scored by 4-bit key copies of ``key_codec`` (None: another scorer), when
     ``backend`` resolves to numba on ``device``; the per-call path everywhere else. Its
     results are those of `top_blocks` over `score_blocks` and of `sparse_decode_attention`
-    with the numba backend (tested)."""
+    with the numba backend (tested); with ``value_basis`` R, attend's outputs are
+    multiplied by R.T (values stored rotated, `edgekv.rotation`)."""
     if resolve_backend(backend, torch.empty(0, device=device)) != "numba":
         return CompiledDecode()
     from .block_score_numba import NumbaBlockSelector
@@ -58,7 +60,8 @@ def compiled_decode(codec: BlockCodec, key_codec: BlockCodec | None, rope_inv_fr
     attend_ok = codec.bits < 16 and d % codec.codes_per_byte == 0 and d % 2 == 0
     select_ok = key_codec is not None and key_codec.bits == 4 and key_codec.head_dim % 2 == 0
     return CompiledDecode(select=NumbaBlockSelector(key_codec) if select_ok else None,
-                          attend=NumbaSparseAttention(codec, rope_inv_freq, max_blocks) if attend_ok else None)
+                          attend=NumbaSparseAttention(codec, rope_inv_freq, max_blocks, value_basis)
+                          if attend_ok else None)
 
 
 def warm_up(compiled: CompiledDecode, codec: BlockCodec, key_codec: BlockCodec | None, *, num_heads: int,

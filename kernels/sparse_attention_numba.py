@@ -128,7 +128,7 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
     def attend(q, sm_scale, pool, words, slots, off, num_valid, rotate, start_index, cos_start, sin_start,
-               cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, tail_len, runs, out):
+               cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, tail_len, runs, basis, out):
         """q [H, G, D] f32 (scores are sm_scale * q . k); pool [P, W] u8 and words, the same
         bytes as u16: block j of head h is row slots[h, j] (i64 [H, K]); off: byte offsets of the K and V codes, word offsets of K scale, K zero,
         V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]); num_valid [H] i64; when
@@ -136,7 +136,8 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
         cos/sin_start [P, D/2], and cos/sin_offset [B, D/2] hold those of offsets 0..B-1;
         sink_k, sink_v [H, S, D] and the first tail_len tokens of tail_k, tail_v [H, >= tail_len, D]
         f32: the exact tokens; runs:
-        blocks of a head split into this many parallel runs; out [H, G, D]."""
+        blocks of a head split into this many parallel runs; basis f32 [D, D] or [0, 0]:
+        when given, every output row x becomes x @ basis; out [H, G, D]."""
         num_heads, group = q.shape[0], q.shape[1]
         k_off, v_off, ks_w, kz_w, vs_w, vz_w = off[0], off[1], off[2], off[3], off[4], off[5]
         part_max = np.empty((num_heads, runs, group), np.float32)
@@ -199,8 +200,28 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
                             v[t, c] = v[t, c] * scale + zero
                 fold(s, v, block_size, m, total, acc)
         merge(part_max, part_sum, part_acc, out)
+        if basis.shape[0]:
+            change_basis(out, basis)
 
     return attend
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def change_basis(out, basis):
+    """out [H, G, D]: every row x replaced by x @ basis (f32 [D, D]), as sums of basis rows."""
+    num_heads, group, d = out.shape
+    x = np.empty(d, np.float32)
+    for h in range(num_heads):
+        for g in range(group):
+            x[:] = out[h, g]
+            out[h, g, :] = 0.0
+            for j in range(d):
+                xj = x[j]
+                for c in range(d):
+                    out[h, g, c] += xj * basis[j, c]
+
+
+_NO_BASIS = np.zeros((0, 0), np.float32)
 
 
 @functools.cache
@@ -239,14 +260,14 @@ def sparse_decode_attention_numba(q: torch.Tensor, rows: torch.Tensor, codec: Bl
     pool = aligned_rows(rows, codec, 3).reshape(hkv * ksel, codec.row_bytes)  # block j of head h: row h*ksel + j
     out = _attend(codec, q, d**-0.5 if sm_scale is None else sm_scale, pool, torch.arange(hkv * ksel).view(hkv, ksel),
                   valid.numpy(), block_ids is not None, start_index, cos_start, sin_start, cos_offset, sin_offset,
-                  (empty, empty, tail_k, tail_v), tail_k.shape[1])
+                  (empty, empty, tail_k, tail_v), tail_k.shape[1], _NO_BASIS)
     return out.view(hkv * group, d).to(q.dtype)
 
 
 def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, pool: torch.Tensor, slots: torch.Tensor,
             num_valid: np.ndarray, rotate: bool, start_index: torch.Tensor, cos_start: torch.Tensor,
             sin_start: torch.Tensor, cos_offset: torch.Tensor, sin_offset: torch.Tensor,
-            exact: tuple[torch.Tensor, ...], tail_len: int) -> torch.Tensor:
+            exact: tuple[torch.Tensor, ...], tail_len: int, basis: np.ndarray) -> torch.Tensor:
     """Run the kernel (arguments as `_kernel`'s, as tensors); returns [H, G, D] fp32."""
     hkv, d = slots.shape[0], codec.head_dim
     out = torch.empty(hkv, q.shape[0] // hkv, d, dtype=torch.float32)
@@ -255,7 +276,8 @@ def _attend(codec: BlockCodec, q: torch.Tensor, sm_scale: float, pool: torch.Ten
     kernel(q.float().reshape(out.shape).contiguous().numpy(), sm_scale, pool.numpy(), words(pool),
            slots.contiguous().numpy(), _layout(codec), num_valid, rotate, start_index.contiguous().numpy(),
            cos_start.contiguous().numpy(), sin_start.contiguous().numpy(), cos_offset.contiguous().numpy(),
-           sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, tail_len, kernel_threads(), out.numpy())
+           sin_offset.contiguous().numpy(), sink_k, sink_v, tail_k, tail_v, tail_len, kernel_threads(), basis,
+           out.numpy())
     return out
 
 
@@ -264,16 +286,21 @@ class NumbaSparseAttention:
     ``codec`` at blocks below ``max_blocks``, with the rotation angles of every block start
     made once (the per-call wrapper makes those of the selected blocks each call) and the
     exact sink and tail passed apart (no concatenation per step); the blocks are read where
-    they lie in a row pool (the store's device cache: no gathered copy). No argument checks:
-    the caller hands it rows from its own store."""
+    they lie in a row pool (the store's device cache: no gathered copy). With
+    ``value_basis`` R (values stored as v @ R, `edgekv.rotation`), outputs come back
+    as out @ R.T, in the model's basis: done in the kernel, a torch matmul per layer
+    cost ~1 ms per decode step of the embedded model at 8K. No argument checks: the
+    caller hands it rows from its own store."""
 
-    def __init__(self, codec: BlockCodec, rope_inv_freq: torch.Tensor, max_blocks: int):
+    def __init__(self, codec: BlockCodec, rope_inv_freq: torch.Tensor, max_blocks: int,
+                 value_basis: torch.Tensor | None = None):
         if codec.bits == 16 or codec.head_dim % codec.codes_per_byte or codec.head_dim % 2:
             raise ValueError(f"no compiled sparse attention for {codec}")
         b, self.codec = codec.block_size, codec
         self.sm_scale = codec.head_dim**-0.5
         self.cos_start, self.sin_start = rope_cos_sin(torch.arange(max_blocks) * b, rope_inv_freq.cpu())
         self.cos_offset, self.sin_offset = rope_cos_sin(torch.arange(b), rope_inv_freq.cpu())
+        self.basis = _NO_BASIS if value_basis is None else value_basis.T.float().cpu().contiguous().numpy()
 
     def __call__(self, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, block_ids: torch.Tensor,
                  sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
@@ -285,5 +312,5 @@ class NumbaSparseAttention:
         hkv, ksel = block_ids.shape
         out = _attend(self.codec, q, self.sm_scale, pool, slots, np.full(hkv, ksel, np.int64), True, block_ids,
                       self.cos_start, self.sin_start, self.cos_offset, self.sin_offset, (sink_k, sink_v, tail_k, tail_v),
-                      tail_k.shape[1] if tail_len is None else tail_len)
+                      tail_k.shape[1] if tail_len is None else tail_len, self.basis)
         return out.view(q.shape).to(q.dtype)

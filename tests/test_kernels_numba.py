@@ -213,6 +213,29 @@ def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, si
     assert (got.float() - want.float()).abs().max().item() <= ROPE_ATOL[dtype]
 
 
+def test_compiled_attention_with_a_value_basis_returns_outputs_in_the_model_basis():
+    from edgekv.kernels import compiled_decode
+    from edgekv.rotation import rotate, value_rotation
+
+    codec, hkv, ksel, d = BlockCodec(4, 16, 64), 3, 4, 64
+    rows, _, _ = cpu(*make_rows(codec, hkv, ksel, 60))
+    sink_k, sink_v = make_kv(hkv, 16, d, 61)
+    tail_k, tail_v = make_kv(hkv, 5, d, 62)
+    q = make_q(hkv * 3, d, torch.float32, 63).cpu()
+    ids = make_block_ids(hkv, ksel, 64, top=100).cpu()
+    inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    basis = value_rotation(d, 4, torch.device("cpu"))
+    plain = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu")).attend
+    turned = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu"),
+                             value_basis=basis).attend
+    slots = torch.arange(hkv * ksel).view(hkv, ksel)
+    pool = rows.reshape(-1, codec.row_bytes)
+    stored_basis = plain(q, pool, slots, ids, sink_k, sink_v, tail_k, tail_v)
+    got = turned(q, pool, slots, ids, sink_k, sink_v, tail_k, tail_v)
+    assert not torch.allclose(got, stored_basis, atol=1e-3)
+    assert torch.allclose(got, rotate(stored_basis, basis, inverse=True), atol=1e-5)
+
+
 def test_compiled_decode_only_where_numba_runs_the_layout():
     from edgekv.kernels import compiled_decode
 

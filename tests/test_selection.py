@@ -325,3 +325,25 @@ def test_bench_quality_reports_each_task_against_dense(tiny_models, tmp_path, ca
     assert sparse["ppl_ratio"] > 0 and 0 <= sparse["forced_agreement"] <= 1 and 0 <= sparse["agreement"] <= 1
     assert 0 < sparse["selected_fraction"] <= 1 and "passkey@200" in sparse
     assert "4-bit, 25%" in capsys.readouterr().out and (tmp_path / "q.png").stat().st_size > 0
+
+
+def test_bench_quality_agreement_over_several_documents_counts_those_identical(tiny_models, tmp_path, capsys):
+    from edgekv.bench_quality import agreement_documents, run_quality_bench
+
+    rows = run_quality_bench(str(tiny_models["llama3"]), {"2-bit": {"kv_bits": 2}}, tasks=["agreement"],
+                             ppl_context=400, score_tokens=16, agreement_doc=200, agreement_tokens=6,
+                             passkey_contexts=[], passkey_trials=1, plot=None, agreement_docs=3)
+    dense, two_bit = rows
+    assert dense["identical_docs"] == 3 and dense["identical_prefixes"] == [6, 6, 6]
+    prefixes = two_bit["identical_prefixes"]
+    assert len(prefixes) == 3 and two_bit["identical_prefix"] == prefixes[0]
+    assert two_bit["identical_docs"] == sum(p == 6 for p in prefixes)
+    assert "docs same" in capsys.readouterr().out
+    from edgekv.engine import load
+
+    docs = agreement_documents(load(str(tiny_models["llama3"]), progress=False).tokenizer, 200, 3)
+    assert len({tuple(d) for d in docs}) == 3 and all(len(d) == 200 for d in docs)  # three different documents
+    with pytest.raises(EdgekvError, match="agreement-docs"):
+        run_quality_bench(str(tiny_models["llama3"]), {}, tasks=["agreement"], ppl_context=400, score_tokens=16,
+                          agreement_doc=200, agreement_tokens=6, passkey_contexts=[], passkey_trials=1, plot=None,
+                          agreement_docs=0)
