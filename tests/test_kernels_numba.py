@@ -101,27 +101,6 @@ def test_sparse_attention_numba_skips_blocks_past_num_valid(num_valid):
     assert torch.equal(nothing, torch.zeros_like(nothing))  # no tokens at all: zeros, as the twin
 
 
-def test_half_to_float_widens_every_fp16_bit_pattern_exactly():
-    import numpy as np
-    from numba import njit
-
-    from edgekv.kernels.numba_support import half_to_float
-
-    @njit
-    def widen_all(words):
-        out = np.empty(words.shape[0], np.float32)
-        for i in range(words.shape[0]):
-            out[i] = half_to_float(np.int32(words[i]))
-        return out
-
-    patterns = torch.arange(65536, dtype=torch.int32)
-    want = patterns.to(torch.int16).view(torch.float16).float()
-    got = torch.from_numpy(widen_all(patterns.numpy().astype(np.uint16)))
-    nan = want.isnan()
-    assert torch.equal(got.isnan(), nan)
-    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))  # bit for bit, -0.0 included
-
-
 def test_widen_halves_widens_every_finite_fp16_bit_pattern_exactly():
     import numpy as np
     from numba import njit
