@@ -130,12 +130,12 @@ def _kernel(bits: int, d: int, block_size: int, num_groups: int):
     def attend(q, sm_scale, pool, words, slots, off, num_valid, rotate, start_index, cos_start, sin_start,
                cos_offset, sin_offset, sink_k, sink_v, tail_k, tail_v, tail_len, runs, basis, out):
         """q [H, G, D] f32 (scores are sm_scale * q . k); pool [P, W] u8 and words, the same
-        bytes as u16: block j of head h is row slots[h, j] (i64 [H, K]); off: byte offsets of the K and V codes, word offsets of K scale, K zero,
-        V scale, V zero (fp16 [D], [D], [B, NG], [B, NG]); num_valid [H] i64; when
-        rotate, block j of head h starts at the angles of row start_index[h, j] of
-        cos/sin_start [P, D/2], and cos/sin_offset [B, D/2] hold those of offsets 0..B-1;
-        sink_k, sink_v [H, S, D] and the first tail_len tokens of tail_k, tail_v [H, >= tail_len, D]
-        f32: the exact tokens; runs:
+        bytes as u16: block j of head h is row slots[h, j] (i64 [H, K]); off: byte offsets
+        of the K and V codes, word offsets of K scale, K zero, V scale, V zero (fp16 [D],
+        [D], [B, NG], [B, NG]); num_valid [H] i64; when rotate, block j of head h starts at
+        the angles of row start_index[h, j] of cos/sin_start [P, D/2], and cos/sin_offset
+        [B, D/2] hold those of offsets 0..B-1; sink_k, sink_v [H, S, D] and the first
+        tail_len tokens of tail_k, tail_v [H, >= tail_len, D] f32: the exact tokens; runs:
         blocks of a head split into this many parallel runs; basis f32 [D, D] or [0, 0]:
         when given, every output row x becomes x @ basis; out [H, G, D]."""
         num_heads, group = q.shape[0], q.shape[1]
