@@ -250,10 +250,12 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def parse_configs(kv_bits: str, budgets: str, scorers: str = "keys4", **selection: object) -> dict[str, dict]:
-    """Configurations to compare: every kv_bits x budget (x scorer, for sparse budgets)
-    pair; `selection` (dense_layers, sink_blocks, speculate) applies to all of them."""
-    from .config import SCORER_NAMES, Policy, parse_budget
+def parse_configs(kv_bits: str, budgets: str, scorers: str = "mass", head_budgets: str = "auto",
+                  **selection: object) -> dict[str, dict]:
+    """Configurations to compare: every kv_bits x budget (x scorer x head budget, for
+    sparse budgets) combination; `selection` (dense_layers, sink_blocks, speculate)
+    applies to all of them."""
+    from .config import HEAD_BUDGETS, SCORER_NAMES, Policy, parse_budget
 
     try:
         bits = [int(b) for b in kv_bits.split(",") if b.strip()]
@@ -264,14 +266,21 @@ def parse_configs(kv_bits: str, budgets: str, scorers: str = "keys4", **selectio
     for name in scorer_list:
         if name not in SCORER_NAMES:
             raise EdgekvError(f"invalid scorer {name!r}: use one of {', '.join(SCORER_NAMES)}")
+    head_list = [x.strip() for x in head_budgets.split(",") if x.strip()]
+    for name in head_list:
+        if name not in HEAD_BUDGETS:
+            raise EdgekvError(f"invalid head budget {name!r}: use one of {', '.join(HEAD_BUDGETS)}")
     extra = {k: v for k, v in selection.items() if v is not None}
     configs = {}
     for b in bits:
         for budget in budget_list:
-            for scorer in scorer_list if budget != "all" else scorer_list[:1]:
-                label = f"{b}-bit"
-                if budget != "all":
-                    label += f", {budget}" + (f", {scorer}" if len(scorer_list) > 1 else "")
-                configs[label] = {"kv_bits": b, "budget": budget, "scorer": scorer, **extra}
-                Policy.from_kwargs(**configs[label])  # bad values fail before any run
+            sparse = budget != "all"
+            for scorer in scorer_list if sparse else scorer_list[:1]:
+                for heads in head_list if sparse else head_list[:1]:
+                    label = f"{b}-bit"
+                    if sparse:
+                        label += f", {budget}" + (f", {scorer}" if len(scorer_list) > 1 else "")
+                        label += f", {heads} heads" if len(head_list) > 1 else ""
+                    configs[label] = {"kv_bits": b, "budget": budget, "scorer": scorer, "head_budget": heads, **extra}
+                    Policy.from_kwargs(**configs[label])  # bad values fail before any run
     return configs

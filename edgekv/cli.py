@@ -87,7 +87,9 @@ DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (de
 DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
 KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, numba on CPU), triton, numba or torch.")
 BudgetOpt = typer.Option(None, "--budget", help="Tokens each decode step attends: 2048, 10% or all (default).")
-ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: keys4 (default), minmax or mean.")
+ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: mass (default), keys4, minmax or mean.")
+HeadBudgetOpt = typer.Option(None, "--head-budget", help="adaptive: KV heads share the budget by attention mass; "
+                             "uniform: the same blocks per head; auto (default): adaptive with the mass scorer.")
 SinkOpt = typer.Option(None, "--sink-blocks", help="First blocks every step attends (default 1).")
 DenseLayersOpt = typer.Option(None, "--dense-layers", help="First layers that attend every block (default 0).")
 SpeculateOpt = typer.Option(None, "--speculate/--no-speculate", help="Prefetch a layer's blocks one layer early (default: on with CUDA).")
@@ -100,6 +102,7 @@ POLICY_OPTIONS = {
     "device_cache": "device_cache_bytes", "ram": "ram_bytes", "disk_dir": "disk_dir",
     "disk_bytes": "disk_bytes", "kernels": "kernels", "budget": "budget", "scorer": "scorer",
     "sink_blocks": "sink_blocks", "dense_layers": "dense_layers", "speculate": "speculate",
+    "head_budget": "head_budget",
 }
 
 
@@ -139,6 +142,7 @@ def generate(
     sink_blocks: Optional[int] = SinkOpt,
     dense_layers: Optional[int] = DenseLayersOpt,
     speculate: Optional[bool] = SpeculateOpt,
+    head_budget: Optional[str] = HeadBudgetOpt,
     doc_cache: bool = typer.Option(True, "--doc-cache/--no-doc-cache", help="Reuse (and keep) the document's processed KV across runs."),
     doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
 ) -> None:
@@ -261,7 +265,8 @@ def bench_quality(
     agreement_docs: int = typer.Option(1, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
     passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
-    scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
+    scorers: str = typer.Option("mass", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
+    head_budgets: str = typer.Option("auto", "--head-budgets", help="Comma-separated head budgets (auto, adaptive, uniform) to compare at sparse budgets."),
     dense_layers: Optional[int] = DenseLayersOpt,
     sink_blocks: Optional[int] = SinkOpt,
     speculate: Optional[bool] = SpeculateOpt,
@@ -274,8 +279,8 @@ def bench_quality(
     from .bench_speed import parse_contexts
 
     with user_errors():
-        configs = parse_configs(kv_bits, budgets, scorers, dense_layers=dense_layers, sink_blocks=sink_blocks,
-                                speculate=speculate)
+        configs = parse_configs(kv_bits, budgets, scorers, head_budgets, dense_layers=dense_layers,
+                                sink_blocks=sink_blocks, speculate=speculate)
         rows = run_quality_bench(model, configs, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                                  ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
                                  agreement_tokens=agreement_tokens, passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
@@ -351,6 +356,7 @@ def chat(
     sink_blocks: Optional[int] = SinkOpt,
     dense_layers: Optional[int] = DenseLayersOpt,
     speculate: Optional[bool] = SpeculateOpt,
+    head_budget: Optional[str] = HeadBudgetOpt,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
     policy = policy_from_options(locals())

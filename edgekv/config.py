@@ -16,7 +16,9 @@ KV_BITS = (2, 4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KERNELS = ("auto", "triton", "torch", "numba")
-SCORER_NAMES = ("keys4", "minmax", "mean")  # the registry of edgekv.selection
+SCORER_NAMES = ("mass", "keys4", "minmax", "mean")  # the registry of edgekv.selection
+MASS_SCORERS = ("mass",)  # scores comparable across KV heads: what an adaptive head budget needs
+HEAD_BUDGETS = ("auto", "adaptive", "uniform")
 
 
 def parse_budget(value: int | str) -> int | str:
@@ -68,8 +70,11 @@ class Policy:
     budget: sparse-attention budget per decode step: tokens attended (sink blocks +
         top-k blocks + the exact recent tail) as a count (2048), a share of the context
         ("10%"), or "all" (every block: dense attention over the compressed KV).
-    scorer: how blocks are ranked for selection ("keys4", "minmax", "mean"; see
+    scorer: how blocks are ranked for selection ("mass", "keys4", "minmax", "mean"; see
         `edgekv.selection`).
+    head_budget: "adaptive" (the KV heads of a layer share one budget by estimated
+        attention mass, Ada-KV; needs scorer "mass"), "uniform" (the same blocks per
+        head), or "auto": adaptive with a scorer that estimates mass, else uniform.
     sink_blocks: first blocks every step keeps (attention sinks; at least 1: block 0
         is always attended, from an exact copy).
     dense_layers: first layers that always attend every block.
@@ -95,7 +100,8 @@ class Policy:
     disk_dir: str | None = None
     disk_bytes: int | str = "64GiB"
     budget: int | str = "all"
-    scorer: str = "keys4"
+    scorer: str = "mass"
+    head_budget: str = "auto"
     sink_blocks: int = 1
     dense_layers: int = 0
     speculate: bool | str = "auto"
@@ -126,6 +132,11 @@ class Policy:
         object.__setattr__(self, "budget", parse_budget(self.budget))
         if self.scorer not in SCORER_NAMES:
             raise EdgekvError(f"invalid scorer {self.scorer!r}: use one of {', '.join(SCORER_NAMES)}")
+        if self.head_budget not in HEAD_BUDGETS:
+            raise EdgekvError(f"invalid head_budget {self.head_budget!r}: use one of {', '.join(HEAD_BUDGETS)}")
+        if self.head_budget == "adaptive" and self.scorer not in MASS_SCORERS:
+            raise EdgekvError(f"head_budget 'adaptive' shares blocks between heads by attention mass, which scorer "
+                              f"{self.scorer!r} does not estimate: use scorer 'mass', or head_budget 'uniform'")
         if not self.offload and self.budget != "all":
             raise EdgekvError(f"budget {self.budget!r} selects blocks of the offloaded KV cache, and offload is "
                               f"off: drop --no-offload, or use budget 'all'")
@@ -133,6 +144,11 @@ class Policy:
         _require_int("dense_layers", self.dense_layers, minimum=0)
         if not isinstance(self.speculate, bool) and self.speculate != "auto":
             raise EdgekvError(f"invalid speculate {self.speculate!r}: must be true, false or 'auto'")
+
+    @property
+    def adaptive_heads(self) -> bool:
+        """Whether the KV heads of a layer share one selection budget (head_budget resolved)."""
+        return self.head_budget == "adaptive" or (self.head_budget == "auto" and self.scorer in MASS_SCORERS)
 
     @classmethod
     def from_kwargs(cls, **kwargs: object) -> "Policy":

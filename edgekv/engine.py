@@ -148,7 +148,8 @@ class Engine:
         if isinstance(cache, TieredKVCache):
             speculate = p.speculate if isinstance(p.speculate, bool) else self.device.type == "cuda"
             cache.configure_selection(budget=p.budget, sink_blocks=p.sink_blocks, dense_layers=p.dense_layers,
-                                      speculate=speculate)
+                                      speculate=speculate,
+                                      head_budget="adaptive" if p.adaptive_heads else "uniform")
 
     # ---- policy and state -------------------------------------------------------------
     KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",

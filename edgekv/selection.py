@@ -6,13 +6,18 @@ covers
     [ sink blocks ][ top-k blocks by score ]  +  the exact recent tail
       always kept    chosen from block summaries
 
-so that sinks + top-k + tail fit the token budget (`budget_blocks`). Scores come from
+so that sinks + top-k + tail fit the token budget (`budget_blocks`): the same k for every KV
+head (head_budget "uniform"), or, with "adaptive", one budget of k blocks per head on average
+shared between the KV heads of a layer by estimated attention mass (Ada-KV), so that a head
+whose attention is spread out gets more blocks than one that looks at a few. Scores come from
 small per-block summaries that stay in the device tier (`BlockSummaries`), made when a
 block is compressed, from its *rotated* keys (the positions queries see). Scorers are a
 registry (`SCORERS`); each says what it keeps per block and how it scores a query:
 
     scorer   keeps per block and KV head                 bytes/token (head_dim 64, block 32)
-    keys4    a 4-bit copy of the keys (KIVI layout)       40    block max of q.k, token by token
+    mass     a 4-bit copy of the keys (KIVI layout)       40    the block's share of the softmax
+                                                                 over all blocks and the exact tail
+    keys4    the same 4-bit key copy                      40    block max of q.k, token by token
     minmax   per-channel key min and max, fp16            8     Quest's upper bound
     mean     the mean key, fp16                           4     q . mean key
 
@@ -31,7 +36,7 @@ from typing import Callable
 import torch
 
 from .kernels import bound_scores, compress_blocks, score_blocks
-from .kernels.block_score import key_copy, key_copy_bytes, top_blocks
+from .kernels.block_score import adaptive_top_blocks, block_mass, key_copy, key_copy_bytes, top_blocks
 from .quant import BlockCodec
 
 
@@ -40,14 +45,18 @@ class Scorer:
     """One way to summarize blocks and score them against a query.
 
     summarize(keys [Hkv, n*B, D] rotated, codec) -> summary [Hkv, n, W] (uint8 or fp16)
-    score(q [Hq, D], summary [Hkv, nb, W], codec, backend) -> [Hkv, nb] fp32
+    score(q [Hq, D], summary [Hkv, nb, W], tail_k [Hkv, T, D], codec, backend) -> [Hkv, nb] fp32
+        (tail_k: the exact recent keys, after RoPE, that the step attends besides blocks)
     width(codec) -> (W, dtype)
+    mass: scores are estimated attention mass, comparable across KV heads (what the
+        "adaptive" head budget shares blocks by)
     """
 
     name: str
     summarize: Callable[[torch.Tensor, BlockCodec, str], torch.Tensor]
-    score: Callable[[torch.Tensor, torch.Tensor, BlockCodec, str], torch.Tensor]
+    score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, BlockCodec, str], torch.Tensor]
     width: Callable[[BlockCodec], tuple[int, torch.dtype]]
+    mass: bool = False
 
 
 def key_copy_codec(codec: BlockCodec) -> BlockCodec:
@@ -60,8 +69,14 @@ def _keys4_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> tor
     return key_copy(compress_blocks(keys, keys, c4, backend=backend).rows, c4)
 
 
-def _keys4_score(q: torch.Tensor, summary: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
+def _keys4_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
+                 backend: str) -> torch.Tensor:
     return score_blocks(q, summary, key_copy_codec(codec), backend=backend)
+
+
+def _mass_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
+                backend: str) -> torch.Tensor:
+    return block_mass(q, summary, key_copy_codec(codec), tail_k, backend=backend)
 
 
 def _keys4_width(codec: BlockCodec) -> tuple[int, torch.dtype]:
@@ -74,7 +89,8 @@ def _minmax_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> to
     return torch.cat((blocks.amin(dim=2), blocks.amax(dim=2)), dim=-1).to(torch.float16)
 
 
-def _minmax_score(q: torch.Tensor, summary: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
+def _minmax_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
+                  backend: str) -> torch.Tensor:
     d = codec.head_dim
     return bound_scores(q, summary[..., :d], summary[..., d:], backend=backend)
 
@@ -84,13 +100,15 @@ def _mean_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> torc
     return keys.reshape(h, -1, codec.block_size, d).float().mean(dim=2).to(torch.float16)
 
 
-def _mean_score(q: torch.Tensor, summary: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
+def _mean_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
+                backend: str) -> torch.Tensor:
     hkv, _, d = summary.shape
     qg = q.float().view(hkv, -1, d)  # [Hkv, group, D] @ [Hkv, D, nb] -> [Hkv, group, nb]
     return torch.bmm(qg, summary.float().transpose(1, 2)).amax(dim=1)
 
 
 SCORERS: dict[str, Scorer] = {
+    "mass": Scorer("mass", _keys4_summarize, _mass_score, _keys4_width, mass=True),
     "keys4": Scorer("keys4", _keys4_summarize, _keys4_score, _keys4_width),
     "minmax": Scorer("minmax", _minmax_summarize, _minmax_score, lambda c: (2 * c.head_dim, torch.float16)),
     "mean": Scorer("mean", _mean_summarize, _mean_score, lambda c: (c.head_dim, torch.float16)),
@@ -120,9 +138,10 @@ class BlockSummaries:
         for i, layer in enumerate(layers):
             self.layers[layer][:, first_block:first_block + s.shape[2]] = s[i]
 
-    def scores(self, layer: int, q: torch.Tensor, num_blocks: int) -> torch.Tensor:
-        """[Hkv, num_blocks] fp32 scores of the first num_blocks blocks for q [Hq, D]."""
-        return self.scorer.score(q, self.layers[layer][:, :num_blocks], self.codec, self.backend)
+    def scores(self, layer: int, q: torch.Tensor, num_blocks: int, tail_k: torch.Tensor) -> torch.Tensor:
+        """[Hkv, num_blocks] fp32 scores of the first num_blocks blocks for q [Hq, D], the
+        step attending the exact keys tail_k [Hkv, T, D] besides them."""
+        return self.scorer.score(q, self.layers[layer][:, :num_blocks], tail_k, self.codec, self.backend)
 
     def bytes_used(self, num_blocks: int) -> int:
         t = self.layers[0]
@@ -149,8 +168,13 @@ def budget_blocks(budget: int | str, *, context: int, tail: int, block_size: int
     return min(num_blocks, k)
 
 
-def select_blocks(scores: torch.Tensor, k: int, sink_blocks: int, *, backend: str = "auto") -> torch.Tensor:
-    """int64 [Hkv, k] block ids: the first `sink_blocks` blocks, then the top scores, ascending."""
+def select_blocks(scores: torch.Tensor, k: int, sink_blocks: int, *, adaptive: bool = False,
+                  backend: str = "auto") -> torch.Tensor:
+    """int64 [Hkv, k] block ids: the first `sink_blocks` blocks, then the top scores, ascending;
+    adaptive: [Hkv, k_max], the top scores of any head, each row padded with -1
+    (`adaptive_top_blocks`: scores must be comparable across heads)."""
+    if adaptive:
+        return adaptive_top_blocks(scores, k, sink_blocks, backend=backend)
     return top_blocks(scores, k, sink_blocks, backend=backend)
 
 
@@ -179,14 +203,16 @@ class SelectionCounters:
         self.pending.clear()
 
     def record(self, layer: int, needed: torch.Tensor, row_bytes: int) -> None:
-        """Count the true selection `needed` [Hkv, k] against layer's speculated request."""
+        """Count the true selection `needed` [Hkv, k] (-1: no block) against layer's speculated request."""
         requested = self.pending.pop(layer, None)
         if requested is None:
             return
-        hits = sum(int(torch.isin(needed[h], requested[h]).sum()) for h in range(needed.shape[0]))
-        self.needed_blocks += needed.numel()
+        rows = [needed[h][needed[h] >= 0] for h in range(needed.shape[0])]
+        hits = sum(int(torch.isin(row, requested[h]).sum()) for h, row in enumerate(rows))
+        count = sum(row.numel() for row in rows)
+        self.needed_blocks += count
         self.hit_blocks += hits
-        self.miss_bytes += (needed.numel() - hits) * row_bytes
+        self.miss_bytes += (count - hits) * row_bytes
 
     def as_stats(self, decode_steps: int) -> dict:
         return {

@@ -46,13 +46,21 @@ from .sizes import format_size
 from .tiers import TierStore, check_budgets
 
 
+def _slot_grid(slots: torch.Tensor, valid: torch.Tensor | None, shape: torch.Size) -> torch.Tensor:
+    """Slots [n] of the selected rows as the kernel's [Hkv, k] grid; with a mask of the real
+    entries (adaptive selection), the others read slot 0 and are never attended."""
+    if valid is None:
+        return slots.view(shape)
+    return slots.new_zeros(shape).index_put_((valid,), slots)
+
+
 class TieredKVCache:
     """The `KVCache` protocol of `model.py`, backed by a `TierStore` of compressed blocks."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int,
                  block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
                  ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
-                 device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "keys4",
+                 device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "mass",
                  kernels: str = "auto"):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.recent_window = block_size, recent_window
@@ -86,18 +94,22 @@ class TieredKVCache:
         self.summaries = BlockSummaries(SCORERS[scorer], self.codec, num_layers=num_layers,
                                         num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
                                         backend=kernels)
-        self.compiled = compiled_decode(self.codec, key_copy_codec(self.codec) if scorer == "keys4" else None,
+        self.compiled = compiled_decode(self.codec, key_copy_codec(self.codec) if scorer in ("keys4", "mass") else None,
                                         self.rope_inv_freq, self.max_blocks, backend=kernels, device=device,
-                                        value_basis=self.value_basis)  # its outputs: in the model's basis
+                                        value_basis=self.value_basis,  # its outputs: in the model's basis
+                                        by_mass=SCORERS[scorer].mass)
         self.counters = SelectionCounters()
-        self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False)
+        self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False, head_budget="uniform")
         warm_up(self.compiled, self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads,
                 num_kv_heads=num_kv_heads)
 
     def configure_selection(self, *, budget: int | str, sink_blocks: int, dense_layers: int,
-                            speculate: bool) -> None:
-        """Set the decode-time selection (see `edgekv.selection`); takes effect at the next step."""
+                            speculate: bool, head_budget: str = "uniform") -> None:
+        """Set the decode-time selection (see `edgekv.selection`); takes effect at the next step.
+        head_budget "adaptive" (the scorer must estimate attention mass): a selection's rows
+        hold each KV head's blocks, then -1."""
         self.budget, self.sink_blocks, self.dense_layers = budget, sink_blocks, dense_layers
+        self.adaptive = head_budget == "adaptive"
         self.speculating = speculate and budget != "all"  # read by the layer loop
         self.counters.pending.clear()
 
@@ -125,9 +137,14 @@ class TieredKVCache:
                           block_size=self.block_size, num_blocks=nb, sink_blocks=self.sink_blocks)
         if k >= nb:
             return None
+        sinks = max(1, self.sink_blocks)
         if self.compiled.select is not None:
-            return self.compiled.select(q, self.summaries.layers[layer], nb, k, max(1, self.sink_blocks))
-        return select_blocks(self.summaries.scores(layer, q, nb), k, max(1, self.sink_blocks), backend=self.kernels)
+            buffer = self._tail_buffers[layer]  # read in place when the tail is a view of its buffer
+            tail_k = buffer[0] if buffer is not None and buffer[0].data_ptr() == self.tail_k[layer].data_ptr() \
+                else self.tail_k[layer]
+            return self.compiled.select(q, self.summaries.layers[layer], nb, k, sinks, tail_k, tail, self.adaptive)
+        return select_blocks(self.summaries.scores(layer, q, nb, self.tail_k[layer]), k, sinks,
+                             adaptive=self.adaptive, backend=self.kernels)
 
     def speculate(self, layer: int, q: torch.Tensor) -> None:
         """Request the blocks an approximate query q [Hq, D] of `layer` selects (layer-ahead prefetch)."""
@@ -137,7 +154,8 @@ class TieredKVCache:
         blocks = self._selection(layer, q)
         if blocks is not None:
             self.counters.pending[layer] = blocks
-            self.store.prefetch(self.row_ids(layer, blocks[:, 1:]))  # block 0 is the exact sink
+            requested = blocks[:, 1:]  # block 0 is the exact sink
+            self.store.prefetch(self.row_ids(layer, requested)[(requested >= 0).reshape(-1)])
         self.counters.seconds["speculate"] += time.perf_counter() - t0
 
     # ---- attention --------------------------------------------------------------------
@@ -150,22 +168,33 @@ class TieredKVCache:
         return self._scratch
 
     def _attend_compiled(self, layer: int, q: torch.Tensor, block_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """The compiled CPU decode attention of q [Hq, D] over blocks block_ids [Hkv, k] (read in
-        the device cache when all are cached, else fetched), the sink and the tail; returns
-        the output [Hq, D] (in the model's basis: the kernel undoes the value rotation) and
-        the time the rows were at hand."""
-        ids = self.row_ids(layer, block_ids)
+        """The compiled CPU decode attention of q [Hq, D] over blocks block_ids [Hkv, k] (-1:
+        none; read in the device cache when all are cached, else fetched), the sink and
+        the tail; returns the output [Hq, D] (in the model's basis: the kernel undoes the
+        value rotation) and the time the rows were at hand."""
+        ids, valid, counts = self._valid_row_ids(layer, block_ids)
         exact = (self.sink_k[layer], self.sink_v[layer], *self._tail_buffers[layer])  # the tail read in place
         tail = self.tail_k[layer].shape[1]
         with self.store.cached_rows(ids) as cached:
             if cached is not None:
                 pool, slots = cached
                 ready = time.perf_counter()
-                return self.compiled.attend(q, pool, slots.view(block_ids.shape), block_ids, *exact, tail), ready
+                return self.compiled.attend(q, pool, _slot_grid(slots, valid, block_ids.shape), block_ids, *exact,
+                                            tail, counts), ready
         rows = self.store.get(ids)
         ready = time.perf_counter()
-        slots = torch.arange(rows.shape[0]).view(block_ids.shape)
-        return self.compiled.attend(q, rows, slots, block_ids, *exact, tail), ready
+        slots = _slot_grid(torch.arange(rows.shape[0]), valid, block_ids.shape)
+        return self.compiled.attend(q, rows, slots, block_ids, *exact, tail, counts), ready
+
+    def _valid_row_ids(self, layer: int, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                            torch.Tensor | None]:
+        """Row ids of the selected blocks (head-major, -1 entries left out), and with an
+        adaptive selection the mask of real entries and their count per head (else None)."""
+        ids = self.row_ids(layer, block_ids)
+        if not self.adaptive:
+            return ids, None, None
+        valid = block_ids >= 0
+        return ids[valid.reshape(-1)], valid, valid.sum(dim=1)
 
     def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view);
@@ -220,18 +249,24 @@ class TieredKVCache:
                 block_ids = torch.arange(self.num_blocks, device=self.device).expand(self.num_kv_heads, -1)
             else:
                 self.counters.record(layer, block_ids, self.codec.row_bytes)
-                self.counters.selected_blocks += block_ids.numel()
+                self.counters.selected_blocks += int((block_ids >= 0).sum())
                 self.counters.candidate_blocks += self.num_kv_heads * self.num_blocks
             block_ids = block_ids[:, 1:]  # block 0 (always chosen, first) is the exact sink
             t1 = time.perf_counter()
             if self.compiled.attend is not None:
                 out, t2 = self._attend_compiled(layer, q[:, 0], block_ids)  # rotated back in the kernel
             else:
-                rows = self.store.get(self.row_ids(layer, block_ids)).view(*block_ids.shape, self.codec.row_bytes)
+                ids, valid, counts = self._valid_row_ids(layer, block_ids)
+                rows = self.store.get(ids)
+                if valid is None:
+                    rows = rows.view(*block_ids.shape, self.codec.row_bytes)
+                else:  # each head's blocks first in its row: the kernel reads counts[h] of them
+                    rows = rows.new_zeros(*block_ids.shape, self.codec.row_bytes).index_put_((valid,), rows)
+                    block_ids = block_ids.clamp(min=0)
                 t2 = time.perf_counter()
                 exact_k = torch.cat((self.sink_k[layer], self.tail_k[layer]), dim=1)
                 exact_v = torch.cat((self.sink_v[layer], self.tail_v[layer]), dim=1)
-                out = rotate(sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v,
+                out = rotate(sparse_decode_attention(q[:, 0], rows, self.codec, exact_k, exact_v, num_valid=counts,
                                                      block_ids=block_ids, rope_inv_freq=self.rope_inv_freq,
                                                      backend=self.kernels), self.value_basis, inverse=True)
             seconds = self.counters.seconds

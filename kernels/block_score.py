@@ -1,6 +1,8 @@
 """Block scoring: which blocks of a layer matter to the next token's query.
 
-Two scorers, each a torch twin plus a Triton kernel with the same signature:
+Three scorers, each a torch twin with compiled kernels of the same signature
+(`score_blocks`: Triton and numba; `bound_scores`: Triton; `block_mass`: numba, and on
+CUDA its twin runs as torch ops):
 
 - `score_blocks` reads the 4-bit KEY part of the packed rows (the low-bit key copy: K
   codes, K scale, K zero; the V part of a row is never read) and returns, per KV head
@@ -16,6 +18,17 @@ Two scorers, each a torch twin plus a Triton kernel with the same signature:
 
   computed as ``relu(q) . kmax + min(q, 0) . kmin``. Kept for comparison: on the
   embedded model it loses needles the key-copy scorer keeps (see MEASURED.md).
+- `block_mass` reads the same 4-bit key copies and estimates the share of each query
+  head's attention that falls on each block (softmax over every block's tokens and the
+  exact tail ``tail_k``), summed over the query heads of a GQA group:
+
+      mass[h, b] = sum_g  sum_{t in b} exp(s_gt) / (sum_{all blocks, t} exp(s_gt) + sum_{tail} exp(s_gt)),
+      s_gt = sm_scale * q[h*group + g] . k[h, t]
+
+  Masses of a KV head sum to at most ``group``; unlike a block's largest product they
+  are comparable across heads, which `adaptive_top_blocks` needs.
+- `top_blocks` keeps the same number of blocks per KV head; `adaptive_top_blocks`
+  shares one budget between the KV heads of a layer by their block weights (Ada-KV).
 
 Shapes: ``q: [num_heads, head_dim]`` (one decode token; ``num_heads`` a multiple of
 ``num_kv_heads``), ``rows: [num_kv_heads, num_blocks, width] uint8`` (head-major, as the
@@ -33,7 +46,8 @@ from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, dispatch, key_copy_bytes, key_copy_offsets, resolve_backend, row_offsets
 
-__all__ = ["bound_scores", "decode_keys", "key_copy", "key_copy_bytes", "key_copy_offsets", "score_blocks"]
+__all__ = ["adaptive_top_blocks", "block_mass", "bound_scores", "decode_keys", "key_copy", "key_copy_bytes",
+           "key_copy_offsets", "score_blocks"]
 
 COMBINES = ("max", "sum")
 
@@ -71,6 +85,76 @@ def top_blocks_torch(scores: torch.Tensor, k: int, sink_blocks: int) -> torch.Te
     scores = scores.clone()
     scores[:, :sink_blocks] = float("inf")
     return scores.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+
+
+def adaptive_top_blocks(weights: torch.Tensor, k: int, sink_blocks: int, *,
+                        backend: str = "auto") -> torch.Tensor:
+    """Block ids int64 [num_kv_heads, k_max] sharing one budget between KV heads (Ada-KV):
+    every head keeps its ``sink_blocks`` sinks, and the ``num_kv_heads * (k - sink_blocks)``
+    other places go to the highest ``weights: [num_kv_heads, num_blocks]`` (block weights
+    comparable across heads, as `block_mass` gives) of any head. Row h holds its blocks
+    ascending, then -1 up to k_max, the most blocks any head got (k <= k_max <= num_blocks).
+    Every block of every head when k covers them (no -1 then). Ties at the threshold may
+    resolve differently per backend."""
+    nb = weights.shape[1]
+    if k >= nb:
+        return torch.arange(nb, device=weights.device).expand(weights.shape[0], -1)
+    if resolve_backend(backend, weights) == "numba":
+        from .block_score_numba import adaptive_top_blocks_numba
+
+        return adaptive_top_blocks_numba(weights, k, sink_blocks)
+    return adaptive_top_blocks_torch(weights, k, sink_blocks)
+
+
+def adaptive_top_blocks_torch(weights: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """The reference twin of `adaptive_top_blocks`."""
+    hkv, nb = weights.shape
+    free = weights[:, sink_blocks:].float()
+    chosen_free = torch.zeros(free.numel(), dtype=torch.bool, device=weights.device)
+    chosen_free[free.flatten().topk(hkv * (k - sink_blocks), sorted=False).indices] = True
+    sinks = torch.ones(hkv, sink_blocks, dtype=torch.bool, device=weights.device)
+    return _ragged_ids(torch.cat((sinks, chosen_free.view_as(free)), dim=1))
+
+
+def _ragged_ids(chosen: torch.Tensor) -> torch.Tensor:
+    """int64 [H, max per row]: the column ids of each row's True entries, ascending, then -1."""
+    counts = chosen.sum(dim=1)
+    width = int(counts.max())
+    cols = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
+    order = torch.where(chosen, cols, chosen.shape[1]).sort(dim=1).values[:, :width]  # chosen first, ascending
+    return torch.where(order < chosen.shape[1], order, -1)
+
+
+def block_mass(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor, *,
+               sm_scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Estimated attention mass per KV head and block (see module doc).
+
+    q: [num_heads, head_dim]; rows: [num_kv_heads, num_blocks, width] uint8, whole rows or
+    key copies as for `score_blocks`; tail_k: [num_kv_heads, T, head_dim] the exact keys
+    (after RoPE, like the rows' keys) attended besides the blocks (T may be 0).
+    sm_scale: the attention's softmax scale (default head_dim ** -0.5).
+    Returns [num_kv_heads, num_blocks] fp32. The numba backend has a compiled kernel for
+    4-bit key copies; every other case runs the twin.
+    """
+    scale = codec.head_dim**-0.5 if sm_scale is None else sm_scale
+    if resolve_backend(backend, q, rows) == "numba":
+        from .block_score_numba import block_mass_numba
+
+        return block_mass_numba(q, rows, codec, tail_k, sm_scale=scale)
+    return block_mass_torch(q, rows, codec, tail_k, sm_scale=scale)
+
+
+def block_mass_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor, *,
+                     sm_scale: float) -> torch.Tensor:
+    """The reference twin of `block_mass`."""
+    hkv, nb, d, b = rows.shape[0], rows.shape[1], codec.head_dim, codec.block_size
+    group = query_group(q, hkv, d)
+    qg = q.float().view(hkv, group, d) * sm_scale
+    keys = decode_keys(rows.reshape(hkv * nb, rows.shape[-1]), codec).view(hkv, nb * b, d)
+    block_lse = torch.bmm(qg, keys.transpose(1, 2)).view(hkv, group, nb, b).logsumexp(dim=-1)  # [H, G, nb]
+    tail_lse = torch.bmm(qg, tail_k.float().transpose(1, 2)).logsumexp(dim=-1)  # [H, G]; -inf without a tail
+    total = torch.logaddexp(block_lse.logsumexp(dim=-1), tail_lse)
+    return torch.exp(block_lse - total[..., None]).sum(dim=1)
 
 
 def bound_scores(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, *, combine: str = "max",

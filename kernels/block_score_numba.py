@@ -34,7 +34,7 @@ from numba import njit, prange
 from edgekv.quant import BlockCodec
 
 from ._backend import aligned_rows, row_offsets, tile_layout
-from .block_score import check_combine, query_group, score_blocks_torch
+from .block_score import block_mass_torch, check_combine, query_group, score_blocks_torch
 from .numba_support import kernel_threads, widen_halves, words
 
 
@@ -221,9 +221,13 @@ class NumbaBlockSelector:
         self.kernel = _select_kernel(key_codec.head_dim, key_codec.block_size)
 
     def __call__(self, q: torch.Tensor, summaries: torch.Tensor, num_blocks: int, k: int,
-                 sink_blocks: int) -> torch.Tensor:
+                 sink_blocks: int, tail_k: torch.Tensor | None = None, tail_len: int = 0,
+                 adaptive: bool = False) -> torch.Tensor:
         """int64 [Hkv, k] ascending block ids (k < num_blocks) for q [Hq, D] over the first
-        num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes]."""
+        num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes]. Block
+        maxima are not comparable across heads: no tail to weigh, no adaptive budget."""
+        if adaptive:
+            raise ValueError("block-max scores cannot share a budget between heads: use NumbaMassSelector")
         hkv = summaries.shape[0]
         ids = torch.empty(hkv, k, dtype=torch.int64)
         scores = np.empty((hkv, num_blocks), np.float32)
@@ -232,3 +236,235 @@ class NumbaBlockSelector:
         self.kernel(q.float().reshape(hkv, -1, q.shape[-1]).contiguous().numpy(), rows, rows.view(np.uint16),
                     *self.layout, chunks, scores, k, sink_blocks, ids.numpy())
         return ids
+
+
+# ---- attention mass (`block_mass`) and budgets shared between heads (`adaptive_top_blocks`) ----
+
+@njit(fastmath=True, cache=True, nogil=True)
+def exp_nonpositive(x, out, bits):
+    """out[i] = exp(x[i]) for x[i] <= 0, relative error below 1e-4 (x below -87: 2**-126).
+    2**y as 2**floor(y) by exponent bits times a polynomial in the fraction, so that the
+    loop vectorizes: a libm exp per element keeps it scalar, ~9x slower (67K values:
+    358 vs 40 us). bits: int32 scratch of x's length."""
+    powers = bits.view(np.float32)
+    for i in range(x.shape[0]):
+        y = max(x[i] * np.float32(1.4426950408889634), np.float32(-126.0))
+        n = np.floor(y)
+        f = y - n
+        out[i] = np.float32(1.0) + f * (np.float32(0.6931472) + f * (np.float32(0.2402265) + f * (
+            np.float32(0.05550411) + f * (np.float32(0.009618129) + f * np.float32(0.0013333558)))))
+        bits[i] = (np.int32(n) + np.int32(127)) << 23
+    for i in range(x.shape[0]):
+        out[i] *= powers[i]
+
+
+@functools.cache
+def _block_lse_kernel(d: int, block_size: int):
+    """Per query head and block of 4-bit key copies (layout as `_nibble_kernel`'s): the
+    largest score ``best`` and ``sum_t exp(s_t - best)``, s_t = q . k_t with q already
+    scaled. Arguments as `_kernel`'s, q [H, G, D]; bmax, bsum [H, G, N] f32 out."""
+    width = d // 2
+
+    @njit(fastmath=True, cache=True, nogil=True, parallel=True)
+    def block_lse(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum):
+        num_heads, group, num_blocks = q.shape[0], q.shape[1], bmax.shape[2]
+        items = num_heads * num_blocks
+        for chunk in prange(chunks):
+            low = np.empty(block_size * width, np.float32)
+            high = np.empty(block_size * width, np.float32)
+            q_even = np.empty(width, np.float32)
+            q_odd = np.empty(width, np.float32)
+            scale = np.empty(d, np.float32)
+            zero = np.empty(d, np.float32)
+            s = np.empty(block_size, np.float32)
+            e = np.empty(block_size, np.float32)
+            bits = np.empty(block_size, np.int32)
+            for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
+                h, n = item // num_blocks, item % num_blocks
+                src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
+                for i in range(block_size * width):
+                    low[i] = np.float32(src[i] & 15)
+                for i in range(block_size * width):
+                    high[i] = np.float32(src[i] >> 4)
+                widen_halves(scale_words, scale)
+                widen_halves(zero_words, zero)
+                for g in range(group):
+                    bias = np.float32(0.0)
+                    for c in range(d):
+                        bias += q[h, g, c] * zero[c]
+                    for i in range(width):
+                        q_even[i] = q[h, g, 2 * i] * scale[2 * i]
+                        q_odd[i] = q[h, g, 2 * i + 1] * scale[2 * i + 1]
+                    best = np.float32(-np.inf)
+                    for t in range(block_size):
+                        acc = np.float32(0.0)
+                        base = t * width
+                        for i in range(width):
+                            acc += q_even[i] * low[base + i] + q_odd[i] * high[base + i]
+                        s[t] = acc + bias
+                        best = max(best, s[t])
+                    for t in range(block_size):
+                        s[t] -= best
+                    exp_nonpositive(s, e, bits)
+                    total = np.float32(0.0)
+                    for t in range(block_size):
+                        total += e[t]
+                    bmax[h, g, n] = best
+                    bsum[h, g, n] = total
+
+    return block_lse
+
+
+@njit(fastmath=True, cache=True, nogil=True)
+def _mass_from_lse(bmax, bsum, q, tail_k, tail_len, out):
+    """out [H, N] = sum over the group of each block's share of the softmax over every
+    block (bmax, bsum [H, G, N]) and the first tail_len exact keys of tail_k [H, >=T, D]."""
+    num_heads, group, num_blocks = bmax.shape
+    d = q.shape[2]
+    w = np.empty(num_blocks, np.float32)
+    ts = np.empty(max(tail_len, 1), np.float32)
+    bits = np.empty(max(num_blocks, tail_len, 1), np.int32)
+    out[:] = 0.0
+    for h in range(num_heads):
+        for g in range(group):
+            top = np.float32(-np.inf)
+            for t in range(tail_len):
+                acc = np.float32(0.0)
+                for c in range(d):
+                    acc += q[h, g, c] * tail_k[h, t, c]
+                ts[t] = acc
+                top = max(top, acc)
+            for n in range(num_blocks):
+                top = max(top, bmax[h, g, n])
+            for n in range(num_blocks):
+                w[n] = bmax[h, g, n] - top
+            for t in range(tail_len):
+                ts[t] -= top
+            exp_nonpositive(w, w, bits[:num_blocks])
+            exp_nonpositive(ts[:tail_len], ts[:tail_len], bits[:tail_len])
+            total = np.float32(0.0)
+            for n in range(num_blocks):
+                w[n] *= bsum[h, g, n]
+                total += w[n]
+            for t in range(tail_len):
+                total += ts[t]
+            for n in range(num_blocks):
+                out[h, n] += w[n] / total
+
+
+@njit(cache=True, nogil=True)
+def _adaptive_top(weights, k, sink_blocks, ids):
+    """`adaptive_top_blocks` into ids [H, >= N] i64; returns the width used (k_max)."""
+    num_heads, num_blocks = weights.shape
+    free = num_blocks - sink_blocks
+    places = num_heads * (k - sink_blocks)
+    flat = np.empty(num_heads * free, np.float32)
+    for h in range(num_heads):
+        for n in range(free):
+            flat[h * free + n] = weights[h, sink_blocks + n]
+    threshold = np.inf if places == 0 else np.partition(flat, flat.shape[0] - places)[flat.shape[0] - places]
+    ties = places
+    for i in range(flat.shape[0]):
+        if flat[i] > threshold:
+            ties -= 1
+    width = 0
+    for h in range(num_heads):
+        j = 0
+        for n in range(num_blocks):
+            wn = weights[h, n]
+            if n < sink_blocks or wn > threshold or (wn == threshold and ties > 0):
+                if n >= sink_blocks and wn == threshold:
+                    ties -= 1
+                ids[h, j] = n
+                j += 1
+        for i in range(j, num_blocks):
+            ids[h, i] = -1
+        width = max(width, j)
+    return width
+
+
+def adaptive_top_blocks_numba(weights: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """`adaptive_top_blocks` on a CPU tensor (k below the block count) with a compiled
+    kernel; of blocks tied at the threshold, the first ones (head-major)."""
+    ids = torch.empty(weights.shape, dtype=torch.int64)
+    width = _adaptive_top(weights.float().contiguous().numpy(), k, sink_blocks, ids.numpy())
+    return ids[:, :width]
+
+
+def block_mass_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor, *,
+                     sm_scale: float) -> torch.Tensor:
+    """`block_mass` on CPU tensors with a compiled kernel for 4-bit codes (the twin otherwise)."""
+    if rows.dim() != 3:
+        raise ValueError(f"rows must be [num_kv_heads, num_blocks, width] (got {tuple(rows.shape)})")
+    hkv, nb, d = rows.shape[0], rows.shape[1], codec.head_dim
+    group = query_group(q, hkv, d)
+    if codec.bits != 4 or nb == 0 or d % 2:
+        return block_mass_torch(q, rows, codec, tail_k, sm_scale=sm_scale)
+    width = rows.shape[-1]
+    row_offsets(codec, width)
+    rows = aligned_rows(rows, codec, 3, width)
+    layout = tile_layout(codec, key_copy=width != codec.row_bytes)
+    qs = (q.float().reshape(hkv, group, d) * sm_scale).contiguous().numpy()
+    bmax = np.empty((hkv, group, nb), np.float32)
+    bsum = np.empty((hkv, group, nb), np.float32)
+    chunks = min(hkv * nb, CHUNKS_PER_THREAD * kernel_threads())
+    _block_lse_kernel(d, codec.block_size)(qs, rows.numpy(), words(rows), layout["K_OFF"], layout["KS_OFF"],
+                                           layout["KZ_OFF"], chunks, bmax, bsum)
+    out = torch.empty(hkv, nb, dtype=torch.float32)
+    tail = tail_k.float().contiguous().numpy()
+    _mass_from_lse(bmax, bsum, qs, tail, tail.shape[1], out.numpy())
+    return out
+
+
+@functools.cache
+def _mass_select_kernel(d: int, block_size: int):
+    """`_block_lse_kernel`, `_mass_from_lse`, then `_top_blocks` or `_adaptive_top`: one
+    call; returns the width of ids used."""
+    block_lse = _block_lse_kernel(d, block_size)
+
+    @njit(cache=True, nogil=True)
+    def select(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum, tail_k, tail_len, mass, k,
+               sink_blocks, adaptive, ids):
+        block_lse(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum)
+        _mass_from_lse(bmax, bsum, q, tail_k, tail_len, mass)
+        if adaptive:
+            return _adaptive_top(mass, k, sink_blocks, ids)
+        _top_blocks(mass, k, sink_blocks, ids)
+        return k
+
+    return select
+
+
+class NumbaMassSelector:
+    """Selection by `block_mass` for one KV cache's decode steps on the CPU: 4-bit key
+    copies scored, the exact tail's share taken out, and the blocks picked (the same
+    number per KV head, or a budget shared between heads) in one compiled call. Same
+    blocks as ``top_blocks`` / ``adaptive_top_blocks`` over ``block_mass(...)`` with the
+    numba backend. No argument checks: the caller hands it its own summaries and tail."""
+
+    def __init__(self, key_codec: BlockCodec, sm_scale: float | None = None):
+        if key_codec.bits != 4 or key_codec.head_dim % 2:
+            raise ValueError(f"the compiled selection scores 4-bit key copies (got {key_codec})")
+        layout = tile_layout(key_codec, key_copy=True)
+        self.layout = (layout["K_OFF"], layout["KS_OFF"], layout["KZ_OFF"])
+        self.sm_scale = key_codec.head_dim**-0.5 if sm_scale is None else sm_scale
+        self.kernel = _mass_select_kernel(key_codec.head_dim, key_codec.block_size)
+
+    def __call__(self, q: torch.Tensor, summaries: torch.Tensor, num_blocks: int, k: int, sink_blocks: int,
+                 tail_k: torch.Tensor, tail_len: int, adaptive: bool) -> torch.Tensor:
+        """int64 [Hkv, k] ascending block ids (k < num_blocks) for q [Hq, D] over the first
+        num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes] and the
+        first tail_len keys of tail_k [Hkv, >= tail_len, D]; adaptive: [Hkv, k_max], -1
+        after each head's blocks (`adaptive_top_blocks`)."""
+        hkv, d = summaries.shape[0], q.shape[-1]
+        group = q.shape[0] // hkv
+        qs = (q.float().reshape(hkv, group, d) * self.sm_scale).contiguous().numpy()
+        bmax = np.empty((hkv, group, num_blocks), np.float32)
+        bsum = np.empty((hkv, group, num_blocks), np.float32)
+        mass = np.empty((hkv, num_blocks), np.float32)
+        ids = torch.empty(hkv, num_blocks if adaptive else k, dtype=torch.int64)
+        chunks = min(hkv * num_blocks, CHUNKS_PER_THREAD * kernel_threads())
+        rows = summaries.numpy()
+        width = self.kernel(qs, rows, rows.view(np.uint16), *self.layout, chunks, bmax, bsum,
+                            tail_k.float().contiguous().numpy(), tail_len, mass, k, sink_blocks, adaptive, ids.numpy())
+        return ids[:, :width]

@@ -304,13 +304,16 @@ class NumbaSparseAttention:
 
     def __call__(self, q: torch.Tensor, pool: torch.Tensor, slots: torch.Tensor, block_ids: torch.Tensor,
                  sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
-                 tail_len: int | None = None) -> torch.Tensor:
+                 tail_len: int | None = None, num_valid: torch.Tensor | None = None) -> torch.Tensor:
         """q [Hq, D]; pool uint8 [P, row_bytes] (contiguous) holds block block_ids[h, j] of KV
         head h in row slots[h, j] (both int64 [Hkv, k]); sink_k/v [Hkv, S, D] and the first
         tail_len (default: all) tokens of tail_k/v [Hkv, >= tail_len, D]: the exact tokens
-        (a tail buffer with room to grow is read in place). Returns [Hq, D] in q's dtype."""
+        (a tail buffer with room to grow is read in place). num_valid: int64 [Hkv], blocks
+        attended per head, the first of its row (default: all k; the rest of a row, slots
+        and ids alike, is never read). Returns [Hq, D] in q's dtype."""
         hkv, ksel = block_ids.shape
-        out = _attend(self.codec, q, self.sm_scale, pool, slots, np.full(hkv, ksel, np.int64), True, block_ids,
+        valid = np.full(hkv, ksel, np.int64) if num_valid is None else num_valid.to(torch.int64).numpy()
+        out = _attend(self.codec, q, self.sm_scale, pool, slots, valid, True, block_ids,
                       self.cos_start, self.sin_start, self.cos_offset, self.sin_offset, (sink_k, sink_v, tail_k, tail_v),
                       tail_k.shape[1] if tail_len is None else tail_len, self.basis)
         return out.view(q.shape).to(q.dtype)

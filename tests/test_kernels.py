@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from edgekv.errors import EdgekvError
 from edgekv.kernels import _backend
-from edgekv.kernels.block_score import bound_scores, decode_keys, key_copy, key_copy_bytes, score_blocks
+from edgekv.kernels.block_score import (adaptive_top_blocks, block_mass, bound_scores, decode_keys, key_copy,
+                                        key_copy_bytes, score_blocks)
 from edgekv.kernels.compress import compress_blocks, round_down_f16, round_up_f16
 from edgekv.kernels.gather import gather_rows
 from edgekv.kernels.rope import block_token_positions, rotate_keys
@@ -186,6 +187,56 @@ def test_score_twin_is_block_max_of_combined_dot_products(combine, group, bits, 
     for copy in (rows, key_copy(rows, codec)):  # whole rows and the compact key copy score the same
         assert torch.equal(score_blocks(q, copy, codec, combine=combine, backend="torch"), got)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("group,tail", [(1, 0), (3, 37)])
+@pytest.mark.parametrize("bits, block_size, head_dim", [(4, 16, 64), (2, 5, 6), (16, 8, 32)])
+def test_block_mass_is_each_block_s_share_of_the_softmax_summed_over_the_group(group, tail, bits, block_size,
+                                                                               head_dim):
+    codec = BlockCodec(bits, block_size, head_dim)
+    hkv, nb = 2, 5
+    rows, _, _ = make_rows(codec, hkv, nb, 3)
+    q = make_q(hkv * group, head_dim, F32, 4) * 4  # peaked attention: masses differ a lot
+    tail_k = torch.randn(hkv, tail, head_dim, generator=gen(5)).to(DEVICE)
+    k = codec.decode(rows.view(hkv * nb, -1))[0].view(hkv, nb * block_size, head_dim)
+    want = torch.zeros(hkv, nb)
+    for h in range(hkv):
+        for g in range(group):
+            p = torch.softmax(torch.cat((k[h], tail_k[h])).cpu() @ q[h * group + g].cpu() * head_dim**-0.5, dim=0)
+            want[h] += p[: nb * block_size].view(nb, block_size).sum(dim=1)
+    got = block_mass(q, key_copy(rows, codec), codec, tail_k, backend="torch")
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block_mass(q, rows, codec, tail_k, backend="torch"), got)  # whole rows: the same
+    no_tail = block_mass(q, rows, codec, tail_k[:, :0], backend="torch").sum(dim=1)
+    torch.testing.assert_close(no_tail.cpu(), torch.full((hkv,), float(group)))  # every query's whole softmax
+
+
+def test_adaptive_budgets_give_blocks_to_the_head_whose_attention_is_spread():
+    # head 0 looks at one block, head 1 spreads evenly: 2 heads x 4 places (k=5, 1 sink)
+    weights = torch.tensor([[0.0, 0.9, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01, 0.01],
+                            [0.0, 0.19, 0.18, 0.17, 0.16, 0.15, 0.14, 0.13, 0.12, 0.11]])
+    ids = adaptive_top_blocks(weights, 5, 1, backend="torch")
+    assert ids.tolist() == [[0, 1, -1, -1, -1, -1, -1, -1],
+                            [0, 1, 2, 3, 4, 5, 6, 7]]  # 1 + 7 places = 2 x 4
+    assert ((ids >= 0).sum() == 2 * 5).item()
+    uniform = torch.rand(3, 20, generator=gen(6))
+    assert torch.equal(adaptive_top_blocks(uniform, 20, 1), torch.arange(20).expand(3, -1))  # k covers all
+
+
+def test_adaptive_budgets_keep_the_sinks_and_the_heaviest_blocks_of_any_head():
+    weights = torch.rand(4, 30, generator=gen(7))
+    for k, sinks in [(1, 1), (6, 2), (29, 1)]:
+        ids = adaptive_top_blocks(weights, k, sinks, backend="torch")
+        assert (ids[:, :sinks] == torch.arange(sinks)).all()
+        real = ids >= 0
+        assert real.sum().item() == 4 * k and (real[:, :-1] >= real[:, 1:]).all()  # -1 only after a head's blocks
+        assert all((row[row >= 0].diff() > 0).all() for row in ids)  # ascending
+        chosen = torch.zeros_like(weights, dtype=torch.bool)
+        chosen[torch.arange(4)[:, None].expand_as(ids)[real], ids[real]] = True
+        free = weights[:, sinks:]
+        picked = free[chosen[:, sinks:]]
+        if picked.numel() and (~chosen[:, sinks:]).any():
+            assert picked.min() >= free[~chosen[:, sinks:]].max()  # no left-out block outweighs a chosen one
 
 
 @pytest.mark.parametrize("combine", ["max", "sum"])

@@ -168,6 +168,59 @@ def test_compiled_selection_picks_the_blocks_of_top_blocks_over_score_blocks(num
     assert (got.diff(dim=1) > 0).all()
 
 
+@pytest.mark.parametrize("num_blocks,group,tail", [(13, 3, 37), (40, 1, 0), (77, 4, 96)])
+def test_block_mass_numba_matches_the_twin(num_blocks, group, tail):
+    from edgekv.kernels import block_mass
+
+    codec = BlockCodec(4, 16, 64)
+    rows, _, _ = cpu(*make_rows(codec, 3, num_blocks, 50 + tail))
+    q = make_q(3 * group, 64, torch.float32, 51).cpu() * 4
+    tail_k = torch.randn(3, tail, 64)
+    for copy in (rows, key_copy(rows, codec)):
+        want, got = twin_and_numba(block_mass, q, copy, codec, tail_k)
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=1e-6)
+
+
+def test_the_vectorized_exp_is_exp_to_a_ten_thousandth():
+    import numpy as np
+
+    from edgekv.kernels.block_score_numba import exp_nonpositive
+
+    x = np.concatenate((-np.logspace(-6, np.log10(80.0), 20000), [0.0, -1e-30])).astype(np.float32)
+    out, bits = np.empty_like(x), np.empty(x.shape, np.int32)
+    exp_nonpositive(x, out, bits)
+    assert np.max(np.abs(out / np.exp(x.astype(np.float64)) - 1)) < 1e-4
+    assert out[-2] == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("heads,blocks,k,sinks", [(3, 40, 9, 1), (1, 13, 4, 2), (4, 77, 1, 1), (2, 9, 8, 1)])
+def test_adaptive_budgets_numba_picks_what_the_twin_picks(heads, blocks, k, sinks):
+    from edgekv.kernels import adaptive_top_blocks
+
+    weights = torch.rand(heads, blocks, generator=torch.Generator().manual_seed(blocks))  # distinct: no ties
+    want, got = twin_and_numba(adaptive_top_blocks, weights, k, sinks)
+    assert torch.equal(got, want)
+    tied = torch.tensor([[0.0, 0.5, 0.5, 0.5], [0.0, 0.5, 0.5, 0.1]])
+    assert adaptive_top_blocks(tied, 2, 1, backend="numba").tolist() == [[0, 1, 2], [0, -1, -1]]  # first tied win
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_compiled_mass_selection_picks_what_the_per_call_functions_pick(adaptive):
+    from edgekv.kernels import adaptive_top_blocks, block_mass, compiled_decode, top_blocks
+
+    codec = BlockCodec(4, 16, 64)
+    rows, _, _ = cpu(*make_rows(codec, 3, 45, 60))
+    summaries = key_copy(rows, codec)  # [Hkv, capacity, W]: the first 40 are live
+    q = make_q(9, 64, torch.float32, 61).cpu() * 4
+    tail = torch.randn(3, 50, 64)  # a buffer: its first 37 tokens are the tail
+    select = compiled_decode(codec, codec, torch.ones(32), 45, backend="numba", device=torch.device("cpu"),
+                             by_mass=True).select
+    got = select(q, summaries, 40, 7, 1, tail, 37, adaptive)
+    mass = block_mass(q, summaries[:, :40], codec, tail[:, :37], backend="numba")
+    want = (adaptive_top_blocks if adaptive else top_blocks)(mass, 7, 1, backend="numba")
+    assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("ksel,sink,tail,group,dtype", [(7, 16, 37, 3, torch.float32), (1, 0, 5, 1, torch.float32),
                                                         (5, 16, 0, 4, torch.bfloat16)], ids=case_id)
 def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, sink, tail, group, dtype):

@@ -85,7 +85,7 @@ def test_every_scorer_ranks_the_block_holding_the_matching_keys_first(name):
                                device=torch.device("cpu"), backend="torch")
     summaries.write(0, 0, keys[:, :48])  # blocks 0..5, then 6..11 in a second write
     summaries.write(0, 6, keys[:, 48:])
-    scores = summaries.scores(0, q, nb)
+    scores = summaries.scores(0, q, nb, torch.zeros(hkv, 0, 16))
     assert scores.shape == (hkv, nb)
     assert scores.argmax(dim=1).tolist() == [needle[0], needle[1]]
 
@@ -98,7 +98,7 @@ def test_summaries_cost_what_the_registry_says_per_block():
                            device=torch.device("cpu"), backend="torch")
         per_block[name] = s.bytes_used(10) / (3 * 2 * 10)
     # 4-bit key copy: codes 32*64/2 + fp16 scale and zero per channel
-    assert per_block == {"keys4": 1024 + 4 * 64, "minmax": 4 * 64, "mean": 2 * 64}
+    assert per_block == {"mass": 1024 + 4 * 64, "keys4": 1024 + 4 * 64, "minmax": 4 * 64, "mean": 2 * 64}
 
 
 # ---- the tiered cache with a budget ---------------------------------------------------------------
@@ -156,9 +156,57 @@ def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(
     assert cache.counters.candidate_blocks == 2 * cache.num_blocks
 
 
+def test_an_adaptive_budget_attends_each_head_s_own_blocks_and_counts_only_those(tmp_path):
+    cache = tiered(tmp_path)
+    fill(cache, 100)  # 24 compressed blocks of 4, tail of 4
+    cache.configure_selection(budget=20, sink_blocks=1, dense_layers=0, speculate=False, head_budget="adaptive")
+    g = torch.Generator().manual_seed(10)  # a query whose heads get 3 and 1 blocks besides the sink
+    q, k, v = torch.randn(4, 1, 16, generator=g) * 3, torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    out = cache.attend(0, q, k, v)
+    blocks = cache._selection(0, q[:, 0])  # what the step chose: the same query and tail
+    real = blocks >= 0
+    assert real.sum().item() == 2 * ((20 - 5) // 4) and (blocks[:, 0] == 0).all()
+    assert not real.all()  # the heads got different numbers of blocks
+    expected = []
+    for h in range(2):  # each KV head over its own blocks only
+        ids = blocks[h, 1:][real[h, 1:]]
+        rows = cache.store.get(cache.row_ids(0, ids[None].expand(2, -1))).view(2, len(ids), -1)
+        exact_k = torch.cat((cache.sink_k[0], cache.tail_k[0]), dim=1)
+        exact_v = torch.cat((cache.sink_v[0], cache.tail_v[0]), dim=1)
+        expected.append(sparse_decode_attention(q[:, 0], rows, cache.codec, exact_k, exact_v, backend="torch",
+                                                block_ids=ids[None].expand(2, -1), rope_inv_freq=INV_FREQ)[2 * h:2 * h + 2])
+    want = rotate(torch.cat(expected), cache.value_basis, inverse=True)
+    assert torch.allclose(out[:, 0], want, atol=1e-6)
+    assert cache.counters.selected_blocks == real.sum().item()
+
+
+def test_adaptive_speculation_with_the_true_query_hits_every_needed_block(tmp_path):
+    cache = tiered(tmp_path)
+    fill(cache, 100)
+    cache.configure_selection(budget=24, sink_blocks=1, dense_layers=0, speculate=True, head_budget="adaptive")
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(4, 1, 16, generator=g) * 3
+    cache.speculate(1, q[:, 0])
+    cache.attend(1, q, torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g))
+    assert cache.counters.needed_blocks == 2 * ((24 - 5) // 4)  # the real entries, not the -1 padding
+    assert cache.counters.as_stats(decode_steps=1)["prefetch_hit_rate"] == 1.0
+
+
+def test_the_head_budget_is_adaptive_with_the_mass_scorer_and_refused_without_it():
+    assert Policy().scorer == "mass" and Policy().adaptive_heads
+    assert not Policy(scorer="keys4").adaptive_heads  # auto: uniform for block maxima
+    assert not Policy(head_budget="uniform").adaptive_heads
+    with pytest.raises(EdgekvError, match="use scorer 'mass', or head_budget 'uniform'"):
+        Policy(scorer="minmax", head_budget="adaptive")
+    with pytest.raises(EdgekvError, match="invalid head_budget 'even'"):
+        Policy(head_budget="even")
+
+
 @pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
-@pytest.mark.parametrize("budget,device_layers", [(20, 8), ("all", 8), (20, 1)])
-def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget, device_layers):
+@pytest.mark.parametrize("budget,device_layers,head_budget", [(20, 8, "uniform"), ("all", 8, "uniform"),
+                                                              (20, 1, "uniform"), (20, 8, "adaptive"),
+                                                              (20, 1, "adaptive")])
+def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget, device_layers, head_budget):
     # device_layers 1: the device cache holds one layer's rows, so each layer's read finds
     # the other's rows evicted (read with get) where 8 finds them in place (cached_rows)
     device = device_layers * 2 * (512 // 4) * BlockCodec(4, 4, 16).row_bytes
@@ -166,7 +214,7 @@ def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, bu
     assert twins.compiled.select is None and compiled.compiled.select is not None
     for c in (twins, compiled):
         fill(c, 100)
-        c.configure_selection(budget=budget, sink_blocks=1, dense_layers=0, speculate=False)
+        c.configure_selection(budget=budget, sink_blocks=1, dense_layers=0, speculate=False, head_budget=head_budget)
     g = torch.Generator().manual_seed(6)
     for step in range(6):  # across a block boundary: the tail fills and a block is compressed
         q, k, v = torch.randn(4, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
@@ -264,20 +312,34 @@ def test_the_cli_takes_budget_and_scorer_options(tiny_models, tmp_path, long_tex
                                  "-n", "4", "--budget", "10%", "--scorer", "minmax", "--dense-layers", "1",
                                  "--no-doc-cache"])
     assert result.exit_code == 0, result.output
+    uniform = runner.invoke(app, ["generate", str(doc), "-p", "Summarise.", "--model", str(tiny_models["llama3"]),
+                                  "-n", "4", "--budget", "10%", "--head-budget", "uniform", "--no-doc-cache"])
+    assert uniform.exit_code == 0, uniform.output
     bad = runner.invoke(app, ["generate", str(doc), "-p", "x", "--model", str(tiny_models["llama3"]),
                               "--scorer", "oracle"])
     assert bad.exit_code == 2 and "invalid scorer 'oracle'" in bad.output
+    mixed = runner.invoke(app, ["generate", str(doc), "-p", "x", "--model", str(tiny_models["llama3"]),
+                                "--scorer", "keys4", "--head-budget", "adaptive"])
+    assert mixed.exit_code == 2 and "head_budget 'adaptive'" in mixed.output and "Traceback" not in mixed.output
 
 
-def test_bench_quality_crosses_bit_widths_budgets_and_scorers():
+def test_bench_quality_crosses_bit_widths_budgets_scorers_and_head_budgets():
     from edgekv.bench_quality import parse_configs
 
     configs = parse_configs("4,8", "all,10%", "keys4,minmax", dense_layers=2, speculate=None)
     assert list(configs) == ["4-bit", "4-bit, 10%, keys4", "4-bit, 10%, minmax",
                              "8-bit", "8-bit, 10%, keys4", "8-bit, 10%, minmax"]
-    assert configs["8-bit, 10%, minmax"] == {"kv_bits": 8, "budget": "10%", "scorer": "minmax", "dense_layers": 2}
+    assert configs["8-bit, 10%, minmax"] == {"kv_bits": 8, "budget": "10%", "scorer": "minmax", "head_budget": "auto",
+                                             "dense_layers": 2}
+    heads = parse_configs("4", "10%", "mass", "adaptive,uniform")
+    assert list(heads) == ["4-bit, 10%, adaptive heads", "4-bit, 10%, uniform heads"]
+    assert heads["4-bit, 10%, uniform heads"]["head_budget"] == "uniform"
     with pytest.raises(EdgekvError, match="invalid scorer 'best'"):
         parse_configs("4", "10%", "best")
+    with pytest.raises(EdgekvError, match="invalid head budget 'some'"):
+        parse_configs("4", "10%", "mass", "some")
+    with pytest.raises(EdgekvError, match="head_budget 'adaptive' shares blocks"):
+        parse_configs("4", "10%", "keys4", "adaptive")
     with pytest.raises(EdgekvError, match="invalid budget"):
         parse_configs("4", "ten percent")
 
