@@ -250,7 +250,7 @@ def write_plot(rows: list[dict], tasks: list[str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def parse_configs(kv_bits: str, budgets: str, scorers: str = "mass", head_budgets: str = "auto",
+def parse_configs(kv_bits: str, budgets: str, scorers: str = "keys4", head_budgets: str = "auto",
                   **selection: object) -> dict[str, dict]:
     """Configurations to compare: every kv_bits x budget (x scorer x head budget, for
     sparse budgets) combination; `selection` (dense_layers, sink_blocks, speculate)

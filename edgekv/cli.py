@@ -87,7 +87,7 @@ DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (de
 DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
 KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, numba on CPU), triton, numba or torch.")
 BudgetOpt = typer.Option(None, "--budget", help="Tokens each decode step attends: 2048, 10% or all (default).")
-ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: mass (default), keys4, minmax or mean.")
+ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: keys4 (default), mass, minmax or mean.")
 HeadBudgetOpt = typer.Option(None, "--head-budget", help="adaptive: KV heads share the budget by attention mass; "
                              "uniform: the same blocks per head; auto (default): adaptive with the mass scorer.")
 SinkOpt = typer.Option(None, "--sink-blocks", help="First blocks every step attends (default 1).")
@@ -265,7 +265,7 @@ def bench_quality(
     agreement_docs: int = typer.Option(1, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
     passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
-    scorers: str = typer.Option("mass", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
+    scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
     head_budgets: str = typer.Option("auto", "--head-budgets", help="Comma-separated head budgets (auto, adaptive, uniform) to compare at sparse budgets."),
     dense_layers: Optional[int] = DenseLayersOpt,
     sink_blocks: Optional[int] = SinkOpt,

@@ -100,7 +100,7 @@ class Policy:
     disk_dir: str | None = None
     disk_bytes: int | str = "64GiB"
     budget: int | str = "all"
-    scorer: str = "mass"
+    scorer: str = "keys4"
     head_budget: str = "auto"
     sink_blocks: int = 1
     dense_layers: int = 0

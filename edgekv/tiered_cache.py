@@ -60,7 +60,7 @@ class TieredKVCache:
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, max_context: int,
                  block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
                  ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
-                 device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "mass",
+                 device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "keys4",
                  kernels: str = "auto"):
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.recent_window = block_size, recent_window
@@ -108,6 +108,8 @@ class TieredKVCache:
         """Set the decode-time selection (see `edgekv.selection`); takes effect at the next step.
         head_budget "adaptive" (the scorer must estimate attention mass): a selection's rows
         hold each KV head's blocks, then -1."""
+        if head_budget == "adaptive" and not self.summaries.scorer.mass:
+            raise ValueError(f"an adaptive head budget needs a scorer of attention mass (got {self.summaries.scorer.name})")
         self.budget, self.sink_blocks, self.dense_layers = budget, sink_blocks, dense_layers
         self.adaptive = head_budget == "adaptive"
         self.speculating = speculate and budget != "all"  # read by the layer loop
@@ -155,7 +157,7 @@ class TieredKVCache:
         if blocks is not None:
             self.counters.pending[layer] = blocks
             requested = blocks[:, 1:]  # block 0 is the exact sink
-            self.store.prefetch(self.row_ids(layer, requested)[(requested >= 0).reshape(-1)])
+            self.store.prefetch(self.row_ids(layer, requested)[(requested >= 0).reshape(-1).cpu()])
         self.counters.seconds["speculate"] += time.perf_counter() - t0
 
     # ---- attention --------------------------------------------------------------------
@@ -194,7 +196,7 @@ class TieredKVCache:
         if not self.adaptive:
             return ids, None, None
         valid = block_ids >= 0
-        return ids[valid.reshape(-1)], valid, valid.sum(dim=1)
+        return ids[valid.reshape(-1).cpu()], valid, valid.sum(dim=1)
 
     def layer_keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored K and V of `layer`, decoded: each [num_kv_heads, length, head_dim] (a scratch view);

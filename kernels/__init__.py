@@ -83,7 +83,7 @@ def warm_up(compiled: CompiledDecode, codec: BlockCodec, key_codec: BlockCodec |
     if compiled.select is not None:
         summaries = torch.zeros(num_kv_heads, 3, key_codec.row_bytes, dtype=torch.uint8)
         tail = torch.zeros(num_kv_heads, 3, d)
-        for adaptive in (False, True):
+        for adaptive in (False, True) if compiled.select.by_mass else (False,):
             compiled.select(q, key_copy(summaries, key_codec), 2, 1, 1, tail, 3, adaptive)
     if compiled.attend is not None:
         k = torch.zeros(num_kv_heads, 2 * codec.block_size, d)

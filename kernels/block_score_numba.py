@@ -213,6 +213,8 @@ class NumbaBlockSelector:
     Same blocks as ``top_blocks(score_blocks(...), k, sink_blocks)`` with the numba
     backend. No argument checks: the caller hands it its own summaries."""
 
+    by_mass = False  # its scores are block maxima, not attention mass
+
     def __init__(self, key_codec: BlockCodec):
         if key_codec.bits != 4 or key_codec.head_dim % 2:
             raise ValueError(f"the compiled selection scores 4-bit key copies (got {key_codec})")
@@ -241,12 +243,13 @@ class NumbaBlockSelector:
 # ---- attention mass (`block_mass`) and budgets shared between heads (`adaptive_top_blocks`) ----
 
 @njit(fastmath=True, cache=True, nogil=True)
-def exp_nonpositive(x, out, bits):
+def exp_nonpositive(x, out, bits, powers):
     """out[i] = exp(x[i]) for x[i] <= 0, relative error below 1e-4 (x below -87: 2**-126).
     2**y as 2**floor(y) by exponent bits times a polynomial in the fraction, so that the
     loop vectorizes: a libm exp per element keeps it scalar, ~9x slower (67K values:
-    358 vs 40 us). bits: int32 scratch of x's length."""
-    powers = bits.view(np.float32)
+    358 vs 40 us). bits: int32 scratch of x's length at least, powers: the same memory
+    as float32 (``bits.view(np.float32)``, made once by the caller: a view made per
+    call cost more than the exponentials of a block)."""
     for i in range(x.shape[0]):
         y = max(x[i] * np.float32(1.4426950408889634), np.float32(-126.0))
         n = np.floor(y)
@@ -279,6 +282,7 @@ def _block_lse_kernel(d: int, block_size: int):
             s = np.empty(block_size, np.float32)
             e = np.empty(block_size, np.float32)
             bits = np.empty(block_size, np.int32)
+            powers = bits.view(np.float32)
             for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
                 h, n = item // num_blocks, item % num_blocks
                 src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
@@ -305,7 +309,7 @@ def _block_lse_kernel(d: int, block_size: int):
                         best = max(best, s[t])
                     for t in range(block_size):
                         s[t] -= best
-                    exp_nonpositive(s, e, bits)
+                    exp_nonpositive(s, e, bits, powers)
                     total = np.float32(0.0)
                     for t in range(block_size):
                         total += e[t]
@@ -324,6 +328,7 @@ def _mass_from_lse(bmax, bsum, q, tail_k, tail_len, out):
     w = np.empty(num_blocks, np.float32)
     ts = np.empty(max(tail_len, 1), np.float32)
     bits = np.empty(max(num_blocks, tail_len, 1), np.int32)
+    powers = bits.view(np.float32)
     out[:] = 0.0
     for h in range(num_heads):
         for g in range(group):
@@ -340,8 +345,8 @@ def _mass_from_lse(bmax, bsum, q, tail_k, tail_len, out):
                 w[n] = bmax[h, g, n] - top
             for t in range(tail_len):
                 ts[t] -= top
-            exp_nonpositive(w, w, bits[:num_blocks])
-            exp_nonpositive(ts[:tail_len], ts[:tail_len], bits[:tail_len])
+            exp_nonpositive(w, w, bits, powers)
+            exp_nonpositive(ts[:tail_len], ts[:tail_len], bits, powers)
             total = np.float32(0.0)
             for n in range(num_blocks):
                 w[n] *= bsum[h, g, n]
@@ -441,6 +446,8 @@ class NumbaMassSelector:
     number per KV head, or a budget shared between heads) in one compiled call. Same
     blocks as ``top_blocks`` / ``adaptive_top_blocks`` over ``block_mass(...)`` with the
     numba backend. No argument checks: the caller hands it its own summaries and tail."""
+
+    by_mass = True
 
     def __init__(self, key_codec: BlockCodec, sm_scale: float | None = None):
         if key_codec.bits != 4 or key_codec.head_dim % 2:

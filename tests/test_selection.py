@@ -157,7 +157,7 @@ def test_a_small_budget_attends_the_exact_sink_the_top_blocks_and_the_tail_only(
 
 
 def test_an_adaptive_budget_attends_each_head_s_own_blocks_and_counts_only_those(tmp_path):
-    cache = tiered(tmp_path)
+    cache = tiered(tmp_path, scorer="mass")
     fill(cache, 100)  # 24 compressed blocks of 4, tail of 4
     cache.configure_selection(budget=20, sink_blocks=1, dense_layers=0, speculate=False, head_budget="adaptive")
     g = torch.Generator().manual_seed(10)  # a query whose heads get 3 and 1 blocks besides the sink
@@ -181,7 +181,7 @@ def test_an_adaptive_budget_attends_each_head_s_own_blocks_and_counts_only_those
 
 
 def test_adaptive_speculation_with_the_true_query_hits_every_needed_block(tmp_path):
-    cache = tiered(tmp_path)
+    cache = tiered(tmp_path, scorer="mass")
     fill(cache, 100)
     cache.configure_selection(budget=24, sink_blocks=1, dense_layers=0, speculate=True, head_budget="adaptive")
     g = torch.Generator().manual_seed(3)
@@ -192,25 +192,30 @@ def test_adaptive_speculation_with_the_true_query_hits_every_needed_block(tmp_pa
     assert cache.counters.as_stats(decode_steps=1)["prefetch_hit_rate"] == 1.0
 
 
-def test_the_head_budget_is_adaptive_with_the_mass_scorer_and_refused_without_it():
-    assert Policy().scorer == "mass" and Policy().adaptive_heads
-    assert not Policy(scorer="keys4").adaptive_heads  # auto: uniform for block maxima
+def test_the_head_budget_is_adaptive_with_the_mass_scorer_and_refused_without_it(tmp_path):
+    assert Policy(scorer="mass").adaptive_heads
+    assert Policy().scorer == "keys4" and not Policy().adaptive_heads  # auto: uniform for block maxima
     assert not Policy(head_budget="uniform").adaptive_heads
     with pytest.raises(EdgekvError, match="use scorer 'mass', or head_budget 'uniform'"):
         Policy(scorer="minmax", head_budget="adaptive")
     with pytest.raises(EdgekvError, match="invalid head_budget 'even'"):
         Policy(head_budget="even")
+    with pytest.raises(ValueError, match="needs a scorer of attention mass"):
+        tiered(tmp_path, scorer="keys4").configure_selection(budget=20, sink_blocks=1, dense_layers=0, speculate=False,
+                                                             head_budget="adaptive")
 
 
 @pytest.mark.skipif(not _backend.numba_available(), reason="the numba package is not installed")
-@pytest.mark.parametrize("budget,device_layers,head_budget", [(20, 8, "uniform"), ("all", 8, "uniform"),
-                                                              (20, 1, "uniform"), (20, 8, "adaptive"),
-                                                              (20, 1, "adaptive")])
-def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget, device_layers, head_budget):
+@pytest.mark.parametrize("budget,device_layers,scorer,head_budget", [
+    (20, 8, "keys4", "uniform"), ("all", 8, "keys4", "uniform"), (20, 1, "keys4", "uniform"),
+    (20, 8, "mass", "uniform"), (20, 8, "mass", "adaptive"), (20, 1, "mass", "adaptive")])
+def test_the_compiled_cpu_decode_step_attends_what_the_twins_attend(tmp_path, budget, device_layers, scorer,
+                                                                    head_budget):
     # device_layers 1: the device cache holds one layer's rows, so each layer's read finds
     # the other's rows evicted (read with get) where 8 finds them in place (cached_rows)
     device = device_layers * 2 * (512 // 4) * BlockCodec(4, 4, 16).row_bytes
-    twins, compiled = tiered(tmp_path / "a"), tiered(tmp_path / "b", kernels="numba", device_cache_bytes=device)
+    twins = tiered(tmp_path / "a", scorer=scorer)
+    compiled = tiered(tmp_path / "b", kernels="numba", device_cache_bytes=device, scorer=scorer)
     assert twins.compiled.select is None and compiled.compiled.select is not None
     for c in (twins, compiled):
         fill(c, 100)
