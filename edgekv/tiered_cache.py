@@ -94,8 +94,9 @@ class TieredKVCache:
         self.summaries = BlockSummaries(SCORERS[scorer], self.codec, num_layers=num_layers,
                                         num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
                                         backend=kernels)
-        self.compiled = compiled_decode(self.codec, key_copy_codec(self.codec) if scorer in ("keys4", "mass") else None,
-                                        self.rope_inv_freq, self.max_blocks, backend=kernels, device=device,
+        key_codec = key_copy_codec(self.codec) if scorer in ("keys4", "mass") else None  # the 4-bit key copies
+        self.compiled = compiled_decode(self.codec, key_codec, self.rope_inv_freq, self.max_blocks, backend=kernels,
+                                        device=device,
                                         value_basis=self.value_basis,  # its outputs: in the model's basis
                                         by_mass=SCORERS[scorer].mass)
         self.counters = SelectionCounters()
@@ -109,7 +110,8 @@ class TieredKVCache:
         head_budget "adaptive" (the scorer must estimate attention mass): a selection's rows
         hold each KV head's blocks, then -1."""
         if head_budget == "adaptive" and not self.summaries.scorer.mass:
-            raise ValueError(f"an adaptive head budget needs a scorer of attention mass (got {self.summaries.scorer.name})")
+            raise ValueError("an adaptive head budget needs a scorer of attention mass "
+                             f"(got {self.summaries.scorer.name})")
         self.budget, self.sink_blocks, self.dense_layers = budget, sink_blocks, dense_layers
         self.adaptive = head_budget == "adaptive"
         self.speculating = speculate and budget != "all"  # read by the layer loop
@@ -251,7 +253,7 @@ class TieredKVCache:
                 block_ids = torch.arange(self.num_blocks, device=self.device).expand(self.num_kv_heads, -1)
             else:
                 self.counters.record(layer, block_ids, self.codec.row_bytes)
-                self.counters.selected_blocks += int((block_ids >= 0).sum())
+                self.counters.selected_blocks += int((block_ids >= 0).sum()) if self.adaptive else block_ids.numel()
                 self.counters.candidate_blocks += self.num_kv_heads * self.num_blocks
             block_ids = block_ids[:, 1:]  # block 0 (always chosen, first) is the exact sink
             t1 = time.perf_counter()

@@ -28,8 +28,8 @@ from .compress import CompressedBlocks, compress_blocks
 from .gather import gather_rows
 from .sparse_attention import sparse_decode_attention
 
-__all__ = ["CompiledDecode", "CompressedBlocks", "adaptive_top_blocks", "block_mass", "bound_scores", "compiled_decode", "compress_blocks",
-           "gather_rows", "score_blocks", "sparse_decode_attention", "warm_up"]
+__all__ = ["CompiledDecode", "CompressedBlocks", "adaptive_top_blocks", "block_mass", "bound_scores",
+           "compiled_decode", "compress_blocks", "gather_rows", "score_blocks", "sparse_decode_attention", "warm_up"]
 
 
 @dataclass(frozen=True)
