@@ -90,6 +90,31 @@ def _kernel(bits: int, d: int, block_size: int):
     return score
 
 
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _unpack_nibble_block(src, scale_words, zero_words, num_codes, low, high, scale, zero):
+    """A block's 4-bit key codes (num_codes bytes of src) as two fp32 tiles, low nibbles
+    (even channels) and high (odd), and its fp16 key scale and zero widened to fp32."""
+    for i in range(num_codes):
+        low[i] = np.float32(src[i] & 15)
+    for i in range(num_codes):
+        high[i] = np.float32(src[i] >> 4)
+    widen_halves(scale_words, scale)
+    widen_halves(zero_words, zero)
+
+
+@njit(fastmath=True, cache=True, nogil=True, inline="always")
+def _split_query(q, h, g, d, scale, zero, q_even, q_odd):
+    """q[h, g] times the key scale, split into even and odd channels like the tiles;
+    returns the bias q[h, g] . zero (``q . k[t] = (q * scale) . code[t] + q . zero``)."""
+    bias = np.float32(0.0)
+    for c in range(d):
+        bias += q[h, g, c] * zero[c]
+    for i in range(d // 2):
+        q_even[i] = q[h, g, 2 * i] * scale[2 * i]
+        q_odd[i] = q[h, g, 2 * i + 1] * scale[2 * i + 1]
+    return bias
+
+
 @functools.cache
 def _nibble_kernel(d: int, block_size: int):
     """The 4-bit scorer (`_kernel`'s arguments): the codes of token t are bytes k_off + t*D/2 ..
@@ -113,20 +138,10 @@ def _nibble_kernel(d: int, block_size: int):
             for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
                 h, n = item // num_blocks, item % num_blocks
                 src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
-                for i in range(block_size * width):
-                    low[i] = np.float32(src[i] & 15)
-                for i in range(block_size * width):
-                    high[i] = np.float32(src[i] >> 4)
-                widen_halves(scale_words, scale)
-                widen_halves(zero_words, zero)
+                _unpack_nibble_block(src, scale_words, zero_words, block_size * width, low, high, scale, zero)
                 best = np.float32(-np.inf)
                 for g in range(group):
-                    bias = np.float32(0.0)
-                    for c in range(d):
-                        bias += q[h, g, c] * zero[c]
-                    for i in range(width):
-                        q_even[i] = q[h, g, 2 * i] * scale[2 * i]
-                        q_odd[i] = q[h, g, 2 * i + 1] * scale[2 * i + 1]
+                    bias = _split_query(q, h, g, d, scale, zero, q_even, q_odd)
                     for t in range(block_size):
                         acc = np.float32(0.0)
                         base = t * width
@@ -286,19 +301,9 @@ def _block_lse_kernel(d: int, block_size: int):
             for item in range(chunk * items // chunks, (chunk + 1) * items // chunks):
                 h, n = item // num_blocks, item % num_blocks
                 src, scale_words, zero_words = rows[h, n, k_off:], words[h, n, scale_w:], words[h, n, zero_w:]
-                for i in range(block_size * width):
-                    low[i] = np.float32(src[i] & 15)
-                for i in range(block_size * width):
-                    high[i] = np.float32(src[i] >> 4)
-                widen_halves(scale_words, scale)
-                widen_halves(zero_words, zero)
+                _unpack_nibble_block(src, scale_words, zero_words, block_size * width, low, high, scale, zero)
                 for g in range(group):
-                    bias = np.float32(0.0)
-                    for c in range(d):
-                        bias += q[h, g, c] * zero[c]
-                    for i in range(width):
-                        q_even[i] = q[h, g, 2 * i] * scale[2 * i]
-                        q_odd[i] = q[h, g, 2 * i + 1] * scale[2 * i + 1]
+                    bias = _split_query(q, h, g, d, scale, zero, q_even, q_odd)
                     best = np.float32(-np.inf)
                     for t in range(block_size):
                         acc = np.float32(0.0)
