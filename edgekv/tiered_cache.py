@@ -158,8 +158,7 @@ class TieredKVCache:
         blocks = self._selection(layer, q)
         if blocks is not None:
             self.counters.pending[layer] = blocks
-            requested = blocks[:, 1:]  # block 0 is the exact sink
-            self.store.prefetch(self.row_ids(layer, requested)[(requested >= 0).reshape(-1).cpu()])
+            self.store.prefetch(self._valid_row_ids(layer, blocks[:, 1:])[0])  # block 0 is the exact sink
         self.counters.seconds["speculate"] += time.perf_counter() - t0
 
     # ---- attention --------------------------------------------------------------------
