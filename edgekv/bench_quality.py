@@ -12,7 +12,9 @@ and tokens. Tasks:
   config's greedy choice is the reference token. With several documents (taken at
   even offsets through the pydoc text) the shares are means and `identical_docs`
   counts the documents whose tokens all match: greedy identity hangs on near-ties
-  between the top two logits, so one document says little about a codec.
+  between the top two logits, so one document says little about a codec. Each first
+  difference is reported with the reference's top-two logit margin at that step: a
+  small one (a near-tie) means any small change of the logits could have flipped it.
 - passkey: a number hidden at several depths of a real-text haystack; the answer must
   contain it (accuracy over trials).
 """
@@ -32,6 +34,7 @@ from .bench_speed import prompt_ids
 from .errors import EdgekvError
 
 TASKS = ("ppl", "agreement", "passkey")
+NEAR_TIE = 0.25  # logits: a top-two margin below it is counted as a near-tie of the reference
 
 
 def haystack_text(tokens: int, tokenizer, seed: int) -> str:
@@ -77,44 +80,51 @@ def agreement_documents(tokenizer, doc_tokens: int, count: int) -> list[list[int
 
 
 def run_agreements(engine, documents: list[list[int]], new_tokens: int,
-                   references: list[list[int]] | None) -> dict:
-    """`run_agreement` over several documents: tokens per document; with references, the
-    mean shares, the first document's identical prefix, every document's
-    (`identical_prefixes`) and how many documents match in full (`identical_docs`)."""
+                   references: list[dict] | None) -> dict:
+    """`run_agreement` over several documents. Without references (the reference run
+    itself): `references`, one {"tokens", "margins"} per document. With them: the mean
+    shares, the first document's identical prefix, every document's
+    (`identical_prefixes`), the reference's top-two logit margin at each first difference
+    (`first_difference_margins`, None where identical) and how many documents match in
+    full (`identical_docs`)."""
     results = [run_agreement(engine, doc, new_tokens, None if references is None else references[i])
                for i, doc in enumerate(documents)]
-    row: dict = {"tokens": [r["tokens"] for r in results]}
-    if references is not None:
-        prefixes = [r["identical_prefix"] for r in results]
-        row.update(agreement=sum(r["agreement"] for r in results) / len(results),
-                   identical_prefix=prefixes[0], identical_prefixes=prefixes,
-                   identical_docs=sum(p == new_tokens for p in prefixes),
-                   forced_agreement=sum(r["forced_agreement"] for r in results) / len(results))
-    return row
+    if references is None:
+        return {"references": results}
+    prefixes = [r["identical_prefix"] for r in results]
+    return dict(agreement=sum(r["agreement"] for r in results) / len(results),
+                identical_prefix=prefixes[0], identical_prefixes=prefixes,
+                first_difference_margins=[ref["margins"][p] if p < len(ref["margins"]) else None
+                                          for p, ref in zip(prefixes, references)],
+                identical_docs=sum(p == new_tokens for p in prefixes),
+                forced_agreement=sum(r["forced_agreement"] for r in results) / len(results))
 
 
-def run_agreement(engine, doc: list[int], new_tokens: int, reference: list[int] | None) -> dict:
-    """Greedy summary of a document (token ids), against the dense reference tokens when given.
+def run_agreement(engine, doc: list[int], new_tokens: int, reference: dict | None) -> dict:
+    """Greedy summary of a document (token ids), against the reference run's when given.
 
-    agreement: share of positions where the free-running greedy tokens equal the
-    reference (one early difference changes every later token); identical_prefix: how
-    many come before the first difference; forced_agreement: with the reference tokens
-    fed back (teacher forcing), the share of positions where this config's greedy choice
-    is the reference token — each position judged on the same prefix.
+    Without a reference: {"tokens", "margins"}, the greedy tokens and the top-two logit
+    margin at each of their steps. With one: agreement: share of positions where the
+    free-running greedy tokens equal the reference's (one early difference changes every
+    later token); identical_prefix: how many come before the first difference;
+    forced_agreement: with the reference tokens fed back (teacher forcing), the share of
+    positions where this config's greedy choice is the reference token — each position
+    judged on the same prefix.
     """
     text = engine.tokenizer.decode(doc)
     prompt = engine.encode([{"role": "user", "content": text + "\n\nSummarise the text above."}])
     engine.reset()
     tokens = engine.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True).token_ids
-    row = {"tokens": tokens}
-    if reference is not None:
-        same = [a == b for a, b in zip(tokens, reference)]
-        _, best = engine.score(prompt + reference, prefill=len(prompt), argmax=True)  # reuses the prompt's KV
-        row.update(agreement=sum(same) / len(same),
-                   identical_prefix=next((i for i, s in enumerate(same) if not s), len(same)),
-                   forced_agreement=float((best == torch.tensor(reference)).float().mean()))
+    if reference is None:  # the prompt's KV is reused
+        _, margins = engine.score(prompt + tokens, prefill=len(prompt), margin=True)
+        engine.reset()
+        return {"tokens": tokens, "margins": [round(float(m), 4) for m in margins]}
+    same = [a == b for a, b in zip(tokens, reference["tokens"])]
+    _, best = engine.score(prompt + reference["tokens"], prefill=len(prompt), argmax=True)  # reuses the prompt's KV
     engine.reset()
-    return row
+    return dict(agreement=sum(same) / len(same),
+                identical_prefix=next((i for i, s in enumerate(same) if not s), len(same)),
+                forced_agreement=float((best == torch.tensor(reference["tokens"])).float().mean()))
 
 
 def run_passkey(engine, context: int, trials: int) -> float:
@@ -133,7 +143,7 @@ def run_passkey(engine, context: int, trials: int) -> float:
 def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: list[str], ppl_context: int,
                       score_tokens: int, agreement_doc: int, agreement_tokens: int,
                       passkey_contexts: list[int], passkey_trials: int, plot: Path | None,
-                      agreement_docs: int = 1) -> list[dict]:
+                      agreement_docs: int = 4) -> list[dict]:
     """Run each task for the dense reference and every config; print a table, plot, return rows."""
     from .engine import load
 
@@ -149,7 +159,7 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
     documents = agreement_documents(reference.tokenizer, agreement_doc, agreement_docs) if "agreement" in tasks else []
     rows = []
     all_configs = {"dense": {"offload": False}, **configs}
-    ref_ppl = ref_tokens = None
+    ref_ppl = references = None
     for n, (label, policy) in enumerate(all_configs.items()):
         started = time.perf_counter()
         print(f"[{n + 1}/{len(all_configs)}] {label}: {', '.join(tasks)} …", file=sys.stderr, flush=True)
@@ -161,13 +171,15 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row["ppl_ratio"] = row["ppl"] / ref_ppl
             row.update({k: v for k, v in selection.items() if v is not None})
         if "agreement" in tasks:
-            result = run_agreements(engine, documents, agreement_tokens, ref_tokens)
-            if ref_tokens is None:  # the dense run is the reference: it agrees with itself
-                ref_tokens = result["tokens"]
+            result = run_agreements(engine, documents, agreement_tokens, references)
+            if references is None:  # the dense run is the reference: it agrees with itself
+                references = result.pop("references")
                 result.update(agreement=1.0, identical_prefix=agreement_tokens, forced_agreement=1.0,
                               identical_prefixes=[agreement_tokens] * len(documents),
-                              identical_docs=len(documents))
-            row.update({k: v for k, v in result.items() if k != "tokens"})
+                              first_difference_margins=[None] * len(documents),
+                              identical_docs=len(documents),
+                              near_ties=[sum(m < NEAR_TIE for m in ref["margins"]) for ref in references])
+            row.update(result)
         if "passkey" in tasks:
             for context in passkey_contexts:
                 row[f"passkey@{context}"] = run_passkey(engine, context, passkey_trials)
@@ -190,9 +202,14 @@ def format_row(row: dict) -> str:
     if "agreement" in row:
         parts.append(f"agreement {row['agreement']:.0%} (identical first {row['identical_prefix']}, "
                      f"teacher-forced {row['forced_agreement']:.0%})")
-        if len(row["identical_prefixes"]) > 1:
-            parts.append(f"identical on {row['identical_docs']} of {len(row['identical_prefixes'])} documents "
-                         f"(first differences: {', '.join(map(str, row['identical_prefixes']))})")
+        if "near_ties" in row:
+            parts.append(f"steps with a top-two margin below {NEAR_TIE} logits: "
+                         f"{', '.join(map(str, row['near_ties']))} per document")
+        elif len(row["identical_prefixes"]) > 1 or row["identical_docs"] == 0:
+            firsts = [f"{p} (reference margin {m:.2f})" if m is not None else str(p)
+                      for p, m in zip(row["identical_prefixes"], row["first_difference_margins"])]
+            parts.append(f"identical on {row['identical_docs']} of {len(firsts)} documents "
+                         f"(first differences: {', '.join(firsts)})")
     parts += [f"{k} {v:.0%}" for k, v in row.items() if k.startswith("passkey@")]
     if "selected_fraction" in row:
         parts.append(f"blocks attended {row['selected_fraction']:.1%}")

@@ -262,7 +262,7 @@ def bench_quality(
     score_tokens: int = typer.Option(512, "--score-tokens", help="Last tokens scored as decode steps."),
     agreement_doc: int = typer.Option(1024, "--agreement-doc", help="Tokens of the document summarised."),
     agreement_tokens: int = typer.Option(64, "--agreement-tokens", help="Greedy tokens compared."),
-    agreement_docs: int = typer.Option(1, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
+    agreement_docs: int = typer.Option(4, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
     passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
     scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),

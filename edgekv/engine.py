@@ -245,16 +245,18 @@ class Engine:
         self.cached_ids = list(token_ids)
 
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[int], *, prefill: int,
-              argmax: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def score(self, token_ids: Sequence[int], *, prefill: int, argmax: bool = False,
+              margin: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Teacher-forced negative log-likelihood (nats) of token_ids[prefill:], float32 [n].
 
         The first `prefill` tokens are prefilled; every later token is fed as a decode
         step under the current policy (offloaded tiers, compression), exactly the path
         `generate` takes, and scored before it is fed. A cached prefix of token_ids is
-        reused. With `argmax`, also returns the greedy choice at each of those positions
-        (int64 [n]): where it equals token_ids[prefill:], greedy decoding would have
-        produced that token from the same prefix.
+        reused. Extras, returned after the NLL in this order when asked for:
+        `argmax`: the greedy choice at each of those positions (int64 [n]); where it equals
+        token_ids[prefill:], greedy decoding would have produced that token from the same
+        prefix. `margin`: the gap between the top two logits there (float32 [n]); a greedy
+        choice with a small gap flips under a small change of the logits (a near-tie).
         """
         ids = list(token_ids)
         if not 0 < prefill < len(ids):
@@ -263,14 +265,17 @@ class Engine:
             raise ContextOverflowError(len(ids), self.max_context, len(ids))
         logits, _ = self.prefill(ids[:prefill])
         self._reset_counters()  # selection figures cover the scored decode steps
-        nll, best = [], []
+        nll, best, gap = [], [], []
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
-            best.append(logits.argmax())
+            best.append(logits.argmax())  # greedy decoding's own choice (first of equal maxima)
+            top2 = logits.float().topk(2).values
+            gap.append(top2[0] - top2[1])
             if i + 1 < len(ids):
                 logits = self._decode_step(ids[i])
+        extras = [torch.stack(x).cpu() for x, wanted in ((best, argmax), (gap, margin)) if wanted]
         nll = torch.stack(nll).cpu()
-        return (nll, torch.stack(best).cpu()) if argmax else nll
+        return (nll, *extras) if extras else nll
 
     def generate(self, prompt_or_messages: str | Messages, *, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,

@@ -377,6 +377,13 @@ def test_teacher_forced_scoring_gives_the_nll_and_greedy_choice_of_each_position
     assert nll.shape == (12,) and (nll >= 0).all()
     assert nll[0] == pytest.approx(float(-torch.log_softmax(first_logits.float(), -1)[greedy[0]]), abs=1e-4)
     assert torch.equal(e.score(prompt + greedy, prefill=len(prompt)), nll)  # the prompt's KV is reused
+    nll2, best2, margin = e.score(prompt + greedy, prefill=len(prompt), argmax=True, margin=True)
+    assert torch.equal(nll2, nll) and torch.equal(best2, best)
+    top2 = first_logits.float().topk(2).values
+    assert margin.shape == (12,) and (margin >= 0).all()
+    assert margin[0] == pytest.approx(float(top2[0] - top2[1]), abs=1e-4)  # the gap greedy's first choice won by
+    nll3, margin_only = e.score(prompt + greedy, prefill=len(prompt), margin=True)
+    assert torch.equal(nll3, nll) and torch.equal(margin_only, margin)
     e.close()
 
 
@@ -394,6 +401,23 @@ def test_bench_quality_reports_each_task_against_dense(tiny_models, tmp_path, ca
     assert "4-bit, 25%" in capsys.readouterr().out and (tmp_path / "q.png").stat().st_size > 0
 
 
+def test_agreement_reports_the_reference_margin_where_the_tokens_first_differ(tiny_models):
+    from edgekv.bench_quality import agreement_documents, run_agreements
+    from edgekv.engine import load
+
+    e = load(str(tiny_models["llama3"]), progress=False, offload=False)
+    doc = agreement_documents(e.tokenizer, 200, 1)
+    reference = run_agreements(e, doc, 6, None)["references"][0]
+    assert len(reference["tokens"]) == len(reference["margins"]) == 6 and min(reference["margins"]) >= 0
+    altered = dict(tokens=list(reference["tokens"]), margins=[0.5, 0.25, 0.125, 1.0, 2.0, 4.0])
+    altered["tokens"][2] = (altered["tokens"][2] + 1) % e.shape.vocab_size  # greedy differs at step 2
+    row = run_agreements(e, doc, 6, [altered])
+    assert row["identical_prefixes"] == [2] and row["first_difference_margins"] == [0.125]
+    assert 2 / 6 <= row["forced_agreement"] <= 5 / 6  # steps 0-1 see greedy's own prefix; step 2 is altered
+    assert run_agreements(e, doc, 6, [reference])["first_difference_margins"] == [None]  # identical: no margin
+    e.close()
+
+
 def test_bench_quality_agreement_over_several_documents_counts_those_identical(tiny_models, tmp_path, capsys):
     from edgekv.bench_quality import agreement_documents, run_quality_bench
 
@@ -405,6 +429,11 @@ def test_bench_quality_agreement_over_several_documents_counts_those_identical(t
     prefixes = two_bit["identical_prefixes"]
     assert len(prefixes) == 3 and two_bit["identical_prefix"] == prefixes[0]
     assert two_bit["identical_docs"] == sum(p == 6 for p in prefixes)
+    # each first difference comes with the dense reference's top-two margin at that step
+    assert len(dense["near_ties"]) == 3 and all(0 <= n <= 6 for n in dense["near_ties"])
+    margins = two_bit["first_difference_margins"]
+    assert [m is None for m in margins] == [p == 6 for p in prefixes]
+    assert all(m >= 0 for m in margins if m is not None)
     assert "docs same" in capsys.readouterr().out
     from edgekv.engine import load
 
