@@ -269,8 +269,9 @@ class Engine:
         for i in range(prefill, len(ids)):
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
             best.append(logits.argmax())  # greedy decoding's own choice (first of equal maxima)
-            top2 = logits.float().topk(2).values
-            gap.append(top2[0] - top2[1])
+            if margin:
+                top2 = logits.float().topk(2).values
+                gap.append(top2[0] - top2[1])
             if i + 1 < len(ids):
                 logits = self._decode_step(ids[i])
         extras = [torch.stack(x).cpu() for x, wanted in ((best, argmax), (gap, margin)) if wanted]

@@ -94,11 +94,10 @@ class TieredKVCache:
         self.summaries = BlockSummaries(SCORERS[scorer], self.codec, num_layers=num_layers,
                                         num_kv_heads=num_kv_heads, max_blocks=self.max_blocks, device=device,
                                         backend=kernels)
-        key_codec = key_copy_codec(self.codec) if scorer in ("keys4", "mass") else None  # the 4-bit key copies
+        key_codec = key_copy_codec(self.codec) if SCORERS[scorer].key_copies else None
         self.compiled = compiled_decode(self.codec, key_codec, self.rope_inv_freq, self.max_blocks, backend=kernels,
-                                        device=device,
-                                        value_basis=self.value_basis,  # its outputs: in the model's basis
-                                        by_mass=SCORERS[scorer].mass)
+                                        device=device, by_mass=SCORERS[scorer].mass,
+                                        value_basis=self.value_basis)  # its outputs: in the model's basis
         self.counters = SelectionCounters()
         self.configure_selection(budget="all", sink_blocks=1, dense_layers=0, speculate=False, head_budget="uniform")
         warm_up(self.compiled, self.codec, key_copy_codec(self.codec), num_heads=num_kv_heads,
