@@ -34,10 +34,9 @@ def parse_contexts(text: str, flag: str = "--contexts") -> list[int]:
 
 def prompt_ids(tokenizer, length: int) -> list[int]:
     """`length` token ids of real English text (Python's own pydoc topics, repeated if short)."""
-    from pydoc_data.topics import topics
+    from .documents import pydoc_text
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = tokenizer.encode(pydoc_text(), add_special_tokens=False)
     while len(ids) < length:
         ids = ids + ids
     return ids[:length]

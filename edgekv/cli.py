@@ -6,12 +6,14 @@ Every user-fixable problem becomes one `error: …` line on stderr and exit code
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -70,49 +72,38 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-# Policy options shared by generate, chat and bench. None = keep the policy default.
 ModelOpt = typer.Option(None, "--model", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct).")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
-DtypeOpt = typer.Option(None, "--dtype", help="auto, float32, float16 or bfloat16.")
-WeightDtypeOpt = typer.Option(None, "--weight-dtype", help="Stored weight precision: auto (float16 on CPU), float32, float16 or bfloat16.")
-BlockOpt = typer.Option(None, "--block-size", help="Tokens per KV block.")
-ChunkOpt = typer.Option(None, "--prefill-chunk", help="Tokens per prefill pass (bounds memory).")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's choice).")
-KvBitsOpt = typer.Option(None, "--kv-bits", help="Bits per offloaded KV value: 2, 4 (default), 8 or 16.")
-OffloadOpt = typer.Option(None, "--offload/--no-offload", help="Keep the KV cache compressed in the tiers (default) or dense and exact in device memory.")
-WindowOpt = typer.Option(None, "--recent-window", help="Newest tokens kept exact (uncompressed).")
-DeviceCacheOpt = typer.Option(None, "--device-cache", help="Device (GPU, or RAM on CPU) cache budget, e.g. 512MiB.")
-RamOpt = typer.Option(None, "--ram", help="Host RAM budget for KV blocks, e.g. 4GiB; colder blocks spill to disk.")
-DiskDirOpt = typer.Option(None, "--disk-dir", help="Folder for the disk tier (default: the edgekv cache folder).")
-DiskBytesOpt = typer.Option(None, "--disk-bytes", help="Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
-KernelsOpt = typer.Option(None, "--kernels", help="auto (Triton on CUDA, numba on CPU), triton, numba or torch.")
-BudgetOpt = typer.Option(None, "--budget", help="Tokens each decode step attends: 2048, 10% or all (default).")
-ScorerOpt = typer.Option(None, "--scorer", help="Block scorer for --budget: keys4 (default), mass, minmax or mean.")
-HeadBudgetOpt = typer.Option(None, "--head-budget", help="adaptive: KV heads share the budget by attention mass; "
-                             "uniform: the same blocks per head; auto (default): adaptive with the mass scorer.")
-SinkOpt = typer.Option(None, "--sink-blocks", help="First blocks every step attends (default 1).")
-DenseLayersOpt = typer.Option(None, "--dense-layers", help="First layers that attend every block (default 0).")
-SpeculateOpt = typer.Option(None, "--speculate/--no-speculate", help="Prefetch a layer's blocks one layer early (default: on with CUDA).")
 
 
-# The options generate and chat share: CLI parameter name -> policy key.
-POLICY_OPTIONS = {
-    "device": "device", "dtype": "dtype", "weight_dtype": "weight_dtype", "block_size": "block_size", "prefill_chunk": "prefill_chunk",
-    "threads": "threads", "kv_bits": "kv_bits", "offload": "offload", "recent_window": "recent_window",
-    "device_cache": "device_cache_bytes", "ram": "ram_bytes", "disk_dir": "disk_dir",
-    "disk_bytes": "disk_bytes", "kernels": "kernels", "budget": "budget", "scorer": "scorer",
-    "sink_blocks": "sink_blocks", "dense_layers": "dense_layers", "speculate": "speculate",
-    "head_budget": "head_budget",
-}
+def policy_options(*keys: str) -> Callable:
+    """Give a command the command-line options of policy keys (default: every key), built
+    from `Policy.cli_options` (flag, help, type); the command receives the ones the user
+    set as ``policy: dict`` (policy key -> value) instead of one parameter each."""
+    from .config import Policy
 
+    options = Policy.cli_options()
+    chosen = list(keys or options)
 
-def policy_from_options(params: dict) -> dict:
-    """Policy keywords from a command's parameters: the policy options the user set."""
-    return {POLICY_OPTIONS[name]: value for name, value in params.items()
-            if name in POLICY_OPTIONS and value is not None}
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(*args, **kwargs):
+            policy = {key: value for key in chosen if (value := kwargs.pop(key, None)) is not None}
+            return fn(*args, policy=policy, **kwargs)
+
+        own = [p for p in inspect.signature(fn).parameters.values() if p.name != "policy"]
+        added = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[options[key].type],
+                                   default=typer.Option(None, options[key].flag, help=options[key].help))
+                 for key in chosen]
+        command.__signature__ = inspect.signature(fn).replace(parameters=own + added)
+        command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "policy"},
+                                   **{p.name: p.annotation for p in added}}
+        return command
+
+    return decorate
 
 
 @app.command()
+@policy_options()
 def generate(
     path: str = typer.Argument(..., help="Document to read (UTF-8 text), or - for standard input."),
     prompt: str = typer.Option(..., "--prompt", "-p", help="The question or instruction about the document."),
@@ -123,31 +114,11 @@ def generate(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     truncate: Optional[Truncate] = typer.Option(None, "--truncate", help="When too long, drop the document's head, tail or middle."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the run's figures as JSON here."),
-    device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
-    weight_dtype: Optional[str] = WeightDtypeOpt,
-    block_size: Optional[int] = BlockOpt,
-    prefill_chunk: Optional[int] = ChunkOpt,
-    threads: Optional[int] = ThreadsOpt,
-    kv_bits: Optional[int] = KvBitsOpt,
-    offload: Optional[bool] = OffloadOpt,
-    recent_window: Optional[int] = WindowOpt,
-    device_cache: Optional[str] = DeviceCacheOpt,
-    ram: Optional[str] = RamOpt,
-    disk_dir: Optional[str] = DiskDirOpt,
-    disk_bytes: Optional[str] = DiskBytesOpt,
-    kernels: Optional[str] = KernelsOpt,
-    budget: Optional[str] = BudgetOpt,
-    scorer: Optional[str] = ScorerOpt,
-    sink_blocks: Optional[int] = SinkOpt,
-    dense_layers: Optional[int] = DenseLayersOpt,
-    speculate: Optional[bool] = SpeculateOpt,
-    head_budget: Optional[str] = HeadBudgetOpt,
     doc_cache: bool = typer.Option(True, "--doc-cache/--no-doc-cache", help="Reuse (and keep) the document's processed KV across runs."),
     doc_cache_dir: Optional[Path] = typer.Option(None, "--doc-cache-dir", help="Folder of the document cache (default: the edgekv cache folder)."),
+    policy: dict = None,
 ) -> None:
     """Answer a question about a long document; the answer streams to stdout."""
-    policy = policy_from_options(locals())
     from .doccache import DocumentCache, default_cache_dir
     from .documents import document_messages, fit_document, read_document
     from .prefix_cache import ask_about_document
@@ -232,16 +203,18 @@ def info(model: Optional[str] = ModelOpt) -> None:
 
 
 @bench_app.command("speed")
+@policy_options("threads")
 def bench_speed(
     contexts: str = typer.Option("1024,4096", "--contexts", help="Comma-separated context lengths (tokens)."),
     decode_tokens: int = typer.Option(32, "--decode-tokens", help="Tokens decoded at each context."),
     model: Optional[str] = ModelOpt,
     plot: Path = typer.Option(Path("bench-speed.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
-    threads: Optional[int] = ThreadsOpt,
     budgets: str = typer.Option("", "--budgets", help="Sparse budgets to time too (e.g. 10%,2048), vs edgekv dense."),
+    policy: dict = None,
 ) -> None:
     """Prefill and decode tok/s of edgekv vs transformers' generate, side by side."""
+    threads = policy.get("threads")
     from .bench_speed import parse_contexts, run_speed_bench
     from .config import parse_budget
 
@@ -254,6 +227,7 @@ def bench_speed(
 
 
 @bench_app.command("quality")
+@policy_options("dense_layers", "sink_blocks", "speculate")
 def bench_quality(
     kv_bits: str = typer.Option("16,8,4,2", "--kv-bits", help="Comma-separated KV bit widths to compare."),
     budgets: str = typer.Option("all", "--budgets", help="Comma-separated attention budgets (all, 2048, 10%)."),
@@ -267,20 +241,17 @@ def bench_quality(
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
     scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
     head_budgets: str = typer.Option("auto", "--head-budgets", help="Comma-separated head budgets (auto, adaptive, uniform) to compare at sparse budgets."),
-    dense_layers: Optional[int] = DenseLayersOpt,
-    sink_blocks: Optional[int] = SinkOpt,
-    speculate: Optional[bool] = SpeculateOpt,
     model: Optional[str] = ModelOpt,
     plot: Path = typer.Option(Path("bench-quality.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+    policy: dict = None,
 ) -> None:
     """Perplexity, greedy agreement and passkey retrieval of each KV configuration vs dense."""
     from .bench_quality import parse_configs, run_quality_bench
     from .bench_speed import parse_contexts
 
     with user_errors():
-        configs = parse_configs(kv_bits, budgets, scorers, head_budgets, dense_layers=dense_layers,
-                                sink_blocks=sink_blocks, speculate=speculate)
+        configs = parse_configs(kv_bits, budgets, scorers, head_budgets, **policy)
         rows = run_quality_bench(model, configs, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
                                  ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
                                  agreement_tokens=agreement_tokens, passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
@@ -292,10 +263,14 @@ def bench_quality(
 @bench_app.command("kernels")
 def bench_kernels(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    shapes: str = typer.Option("small", "--shapes", help="small, or llama8b (32/8 heads, head dim 128, 128K context)."),
+    shapes: str = typer.Option("small", "--shapes", help="small, or llama8b (32/8 heads, head dim 128, 128K context); "
+                               "with --aot a comma-separated list (small,llama8b)."),
     context: Optional[int] = typer.Option(None, "--context", help="Context tokens (default: the shape's; reduced on CPU)."),
     repeats: int = typer.Option(20, "--repeats", help="Timed repeats per kernel."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+    aot: bool = typer.Option(False, "--aot", help="Compile every Triton kernel for sm_80, sm_89 and sm_90 (no GPU "
+                             "needed) and print registers, spills, shared memory and occupancy instead."),
+    targets: str = typer.Option("80,89,90", "--targets", help="With --aot: compute capabilities to compile for."),
 ) -> None:
     """Each kernel vs its torch twin, attention vs dense SDPA over 16-bit KV; achieved GB/s."""
     import torch
@@ -303,11 +278,36 @@ def bench_kernels(
     from .bench_kernels import run_kernel_bench
 
     with user_errors():
+        if aot:
+            from .kernels.aot import aot_table, run_aot_report
+
+            try:
+                arches = [int(t) for t in targets.split(",") if t.strip()]
+            except ValueError:
+                raise EdgekvError(f"invalid --targets {targets!r}: give compute capabilities such as 80,89,90") from None
+            rows = run_aot_report(tuple(x.strip() for x in shapes.split(",") if x.strip()), arches)
+            typer.echo(aot_table(rows))
+            if stats_json:
+                write_json(stats_json, {"rows": rows})
+            return
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         rows = run_kernel_bench(device=device, shapes=shapes, context=context, repeats=repeats)
         if stats_json:
             write_json(stats_json, {"rows": rows})
+
+
+@bench_app.command("gpu")
+def bench_gpu(
+    report: Path = typer.Option(Path("gpu-report.md"), "--report", help="Where to write the Markdown report."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="No GPU: run the end-to-end part on the CPU at a tiny shape."),
+    tests: bool = typer.Option(True, "--tests/--no-tests", help="Run the GPU-relevant tests first."),
+) -> None:
+    """The prepared GPU check: CUDA tests, kernels at Llama-8B shape, 8B decode at 32K/128K."""
+    from .bench_gpu import run_gpu_check
+
+    with user_errors():
+        run_gpu_check(report, dry_run=dry_run, tests=tests)
 
 
 @bench_app.command("tiers")
@@ -332,34 +332,15 @@ def bench_tiers(
 
 
 @app.command()
+@policy_options()
 def chat(
     model: Optional[str] = ModelOpt,
     doc: Optional[str] = typer.Option(None, "--doc", help="A document to attach at start."),
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n"),
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
-    device: Optional[str] = DeviceOpt,
-    dtype: Optional[str] = DtypeOpt,
-    weight_dtype: Optional[str] = WeightDtypeOpt,
-    block_size: Optional[int] = BlockOpt,
-    prefill_chunk: Optional[int] = ChunkOpt,
-    threads: Optional[int] = ThreadsOpt,
-    kv_bits: Optional[int] = KvBitsOpt,
-    offload: Optional[bool] = OffloadOpt,
-    recent_window: Optional[int] = WindowOpt,
-    device_cache: Optional[str] = DeviceCacheOpt,
-    ram: Optional[str] = RamOpt,
-    disk_dir: Optional[str] = DiskDirOpt,
-    disk_bytes: Optional[str] = DiskBytesOpt,
-    kernels: Optional[str] = KernelsOpt,
-    budget: Optional[str] = BudgetOpt,
-    scorer: Optional[str] = ScorerOpt,
-    sink_blocks: Optional[int] = SinkOpt,
-    dense_layers: Optional[int] = DenseLayersOpt,
-    speculate: Optional[bool] = SpeculateOpt,
-    head_budget: Optional[str] = HeadBudgetOpt,
+    policy: dict = None,
 ) -> None:
     """A terminal chat with the model, showing where the KV cache lives."""
-    policy = policy_from_options(locals())
     with user_errors():
         from .config import Policy
         from .tui.app import run_chat

@@ -8,16 +8,38 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from .backends import BACKENDS
 from .errors import EdgekvError
 
 KV_BITS = (2, 4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-KERNELS = ("auto", "triton", "torch", "numba")
-SCORER_NAMES = ("mass", "keys4", "minmax", "mean")  # the registry of edgekv.selection
-MASS_SCORERS = ("mass",)  # scores comparable across KV heads: what an adaptive head budget needs
+KERNELS = ("auto", *BACKENDS)  # the decode backends (edgekv.backends) by name
+
+
+@dataclass(frozen=True, slots=True)
+class ScorerTraits:
+    """What the policy needs to know of a block scorer (its code: `edgekv.selection`).
+
+    mass: its scores are estimated attention mass, comparable across KV heads (what an
+    adaptive head budget shares blocks by); key_copies: it keeps 4-bit copies of the keys.
+    """
+
+    mass: bool = False
+    key_copies: bool = False
+
+
+# The block scorers, by name: `edgekv.selection.SCORERS` implements exactly these.
+SCORERS = {
+    "keys4": ScorerTraits(key_copies=True),
+    "mass": ScorerTraits(mass=True, key_copies=True),
+    "minmax": ScorerTraits(),
+    "mean": ScorerTraits(),
+}
+SCORER_NAMES = tuple(SCORERS)
+MASS_SCORERS = tuple(name for name, traits in SCORERS.items() if traits.mass)
 HEAD_BUDGETS = ("auto", "adaptive", "uniform")
 
 
@@ -46,6 +68,21 @@ def parse_budget(value: int | str) -> int | str:
         raise EdgekvError(
             f"invalid budget {value!r}: use a token count (2048), a percentage ('10%') or 'all'"
         ) from None
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """How a policy key is set on the command line: its flag ("--x", or "--x/--no-x" for
+    a switch), help text and the type typer parses (sizes and budgets stay strings:
+    the policy parses them)."""
+
+    flag: str
+    help: str
+    type: type
+
+
+def _option(default: object, flag: str, help: str, cli_type: type = str):
+    return field(default=default, metadata={"cli": CliOption(flag, help, cli_type)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,26 +124,33 @@ class Policy:
     threads: CPU threads for torch (0 = torch's default).
     """
 
-    device: str = "auto"
-    dtype: str = "auto"
-    weight_dtype: str = "auto"
-    prefill_chunk: int = 512
-    block_size: int = 32
-    offload: bool = True
-    kv_bits: int = 4
-    recent_window: int = 64
-    device_cache_bytes: int | str = "512MiB"
-    ram_bytes: int | str = "4GiB"
-    disk_dir: str | None = None
-    disk_bytes: int | str = "64GiB"
-    budget: int | str = "all"
-    scorer: str = "keys4"
-    head_budget: str = "auto"
-    sink_blocks: int = 1
-    dense_layers: int = 0
-    speculate: bool | str = "auto"
-    kernels: str = "auto"
-    threads: int = 0
+    device: str = _option("auto", "--device", "auto, cpu or cuda.")
+    dtype: str = _option("auto", "--dtype", "auto, float32, float16 or bfloat16.")
+    weight_dtype: str = _option("auto", "--weight-dtype",
+                                "Stored weight precision: auto (float16 on CPU), float32, float16 or bfloat16.")
+    prefill_chunk: int = _option(512, "--prefill-chunk", "Tokens per prefill pass (bounds memory).", int)
+    block_size: int = _option(32, "--block-size", "Tokens per KV block.", int)
+    offload: bool = _option(True, "--offload/--no-offload",
+                            "Keep the KV cache compressed in the tiers (default) or dense and exact in device memory.",
+                            bool)
+    kv_bits: int = _option(4, "--kv-bits", "Bits per offloaded KV value: 2, 4 (default), 8 or 16.", int)
+    recent_window: int = _option(64, "--recent-window", "Newest tokens kept exact (uncompressed).", int)
+    device_cache_bytes: int | str = _option("512MiB", "--device-cache",
+                                            "Device (GPU, or RAM on CPU) cache budget, e.g. 512MiB.")
+    ram_bytes: int | str = _option("4GiB", "--ram", "Host RAM budget for KV blocks, e.g. 4GiB; colder blocks spill to disk.")
+    disk_dir: str | None = _option(None, "--disk-dir", "Folder for the disk tier (default: the edgekv cache folder).")
+    disk_bytes: int | str = _option("64GiB", "--disk-bytes", "Disk tier budget, e.g. 64GiB; 0 = no disk tier.")
+    budget: int | str = _option("all", "--budget", "Tokens each decode step attends: 2048, 10% or all (default).")
+    scorer: str = _option("keys4", "--scorer", f"Block scorer for --budget: {', '.join(SCORERS)} (default keys4).")
+    head_budget: str = _option("auto", "--head-budget", "adaptive: KV heads share the budget by attention mass; "
+                               "uniform: the same blocks per head; auto (default): adaptive with the mass scorer.")
+    sink_blocks: int = _option(1, "--sink-blocks", "First blocks every step attends (default 1).", int)
+    dense_layers: int = _option(0, "--dense-layers", "First layers that attend every block (default 0).", int)
+    speculate: bool | str = _option("auto", "--speculate/--no-speculate",
+                                    "Prefetch a layer's blocks one layer early (default: on with CUDA).", bool)
+    kernels: str = _option("auto", "--kernels", f"Decode backend: auto (triton on CUDA, numba on CPU), "
+                           f"{', '.join(BACKENDS)}.")
+    threads: int = _option(0, "--threads", "CPU threads for torch (default: torch's choice).", int)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES and not str(self.device).startswith("cuda:"):
@@ -172,6 +216,11 @@ class Policy:
 
     def as_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def cli_options(cls) -> dict[str, CliOption]:
+        """Policy key -> its command-line option: every knob of a run, in field order."""
+        return {f.name: f.metadata["cli"] for f in dataclasses.fields(cls)}
 
 
 def _size(name: str, value: object) -> int:

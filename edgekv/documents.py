@@ -72,3 +72,16 @@ def fit_document(engine, document: str, question: str, *, max_new_tokens: int, t
     else:
         kept = ids[: room // 2] + ids[len(ids) - (room - room // 2):]
     return engine.tokenizer.decode(kept)
+
+
+def pydoc_text(seed: int | None = None) -> str:
+    """A long real English text that ships with every Python: its pydoc topics, joined
+    by blank lines, in name order (or shuffled by `seed`). Benchmarks and tests read it."""
+    import random
+
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    if seed is not None:
+        random.Random(seed).shuffle(keys)
+    return "\n\n".join(topics[k] for k in keys)

@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .backends import backend_class, backend_name
 from .config import Policy
 from .errors import EdgekvError
 from .kvcache import PagedKVCache
 from .loader import ModelSource, cache_root, load_config, load_state_dict, load_tokenizer, resolve_model
-from .model import Decoder
+from .model import Decoder, KVCache
 from .sampling import sample_next
+from .speculation import Speculator
 from .textstream import TextStream, find_stop
 from .tiered_cache import TieredKVCache
 
@@ -55,7 +57,7 @@ class GenerateResult:
     stats: dict = field(default_factory=dict)
 
 
-def _pick_device(policy: Policy) -> torch.device:
+def pick_device(policy: Policy) -> torch.device:
     if policy.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(policy.device)
@@ -90,23 +92,28 @@ def load(model: str | os.PathLike | None = None, *, progress: bool = True, **pol
 class Engine:
     """One model, one policy, one sequence's KV cache kept between calls."""
 
-    def __init__(self, source: ModelSource, policy: Policy):
+    def __init__(self, source: ModelSource, policy: Policy, *, config=None, state=None, tokenizer=None):
+        """The model's config, tokenizer and weights come from `source`, unless given
+        (`edgekv.shapes.random_engine`: a real shape with random weights and no tokenizer)."""
         self.source, self.policy = source, policy
-        if policy.threads:
-            torch.set_num_threads(policy.threads)
-        self.device = _pick_device(policy)
+        self._apply_threads()
+        self.device = pick_device(policy)
         self.dtype = _pick_dtype(policy, self.device)
         self.weight_dtype = _pick_weight_dtype(policy, self.device, self.dtype)
-        if policy.kernels == "triton" and self.device.type != "cuda":
+        self.backend = backend_name(policy.kernels, self.device)  # the decode backend, chosen once
+        if self.backend == "triton" and self.device.type != "cuda":
             # Triton runs CPU tensors only in its interpreter, chosen when it is first imported
             os.environ.setdefault("TRITON_INTERPRET", "1")
-        self.config = load_config(source)
-        self.tokenizer = load_tokenizer(source)
+        backend_class(self.backend)  # a missing package fails here, once
+        given = config is not None
+        self.config = config if given else load_config(source)
+        self.tokenizer = tokenizer if given else load_tokenizer(source)
         with torch.inference_mode():
-            self.model = Decoder(self.config, load_state_dict(source), dtype=self.dtype, device=self.device,
-                                 weight_dtype=self.weight_dtype)
+            self.model = Decoder(self.config, state if given else load_state_dict(source), dtype=self.dtype,
+                                 device=self.device, weight_dtype=self.weight_dtype)
         self.shape = self.model.shape
         self.eos_ids = self._eos_ids()
+        self.speculator: Speculator | None = None  # the decode steps' layer hook, when speculating
         self.kv = self._new_cache()
         self.cached_ids: list[int] = []  # token ids whose KV is in self.kv
 
@@ -121,35 +128,41 @@ class Engine:
 
     def _eos_ids(self) -> set[int]:
         ids = set()
-        for value in (self.config.eos_token_id, self.tokenizer.eos_token_id):
+        for value in (self.config.eos_token_id, getattr(self.tokenizer, "eos_token_id", None)):
             if isinstance(value, int):
                 ids.add(value)
             elif value:
                 ids.update(value)
         return ids
 
-    def _new_cache(self) -> PagedKVCache | TieredKVCache:
+    def _apply_threads(self) -> None:
+        """CPU threads for torch (and the compiled kernels, which split work like torch)."""
+        if self.policy.threads:
+            torch.set_num_threads(self.policy.threads)
+
+    def _new_cache(self) -> KVCache:
         s, p = self.shape, self.policy
         if not p.offload:
+            self.speculator = None
             return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 block_size=p.block_size, dtype=self.dtype, device=self.device)
         disk_dir = (p.disk_dir or str(cache_root() / "kv")) if p.disk_bytes else None
         cache = TieredKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
-                             max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
-                             recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
-                             ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
-                             dtype=self.dtype, device=self.device, rope_inv_freq=self.model.inv_freq,
-                             scorer=p.scorer, kernels=p.kernels)
+                              max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
+                              recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
+                              ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
+                              dtype=self.dtype, device=self.device, rope_inv_freq=self.model.inv_freq,
+                              scorer=p.scorer, backend=self.backend)
         self._configure_selection(cache)
         return cache
 
-    def _configure_selection(self, cache) -> None:
+    def _configure_selection(self, cache: TieredKVCache) -> None:
+        """Hand the selection knobs to the offloaded cache; make the speculation hook when on."""
         p = self.policy
-        if isinstance(cache, TieredKVCache):
-            speculate = p.speculate if isinstance(p.speculate, bool) else self.device.type == "cuda"
-            cache.configure_selection(budget=p.budget, sink_blocks=p.sink_blocks, dense_layers=p.dense_layers,
-                                      speculate=speculate,
-                                      head_budget="adaptive" if p.adaptive_heads else "uniform")
+        speculate = p.speculate if isinstance(p.speculate, bool) else self.device.type == "cuda"
+        cache.configure_selection(budget=p.budget, sink_blocks=p.sink_blocks, dense_layers=p.dense_layers,
+                                  speculate=speculate, head_budget="adaptive" if p.adaptive_heads else "uniform")
+        self.speculator = Speculator(self.model, cache) if cache.speculating else None
 
     # ---- policy and state -------------------------------------------------------------
     KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",
@@ -162,13 +175,14 @@ class Engine:
         new = self.policy.replace(**changes)
         layout_changed = any(getattr(new, k) != getattr(self.policy, k) for k in self.KV_LAYOUT_KEYS)
         old, self.policy = self.policy, new
+        self._apply_threads()
         if layout_changed:
             try:
                 self.reset()
             except EdgekvError:
                 self.policy = old
                 raise
-        else:
+        elif self.policy.offload:
             self._configure_selection(self.kv)
 
     def reset(self) -> None:
@@ -187,6 +201,8 @@ class Engine:
         """Prompt token ids: token ids as given, a chat-templated message list, or plain text."""
         if isinstance(prompt_or_messages, (list, tuple)) and all(isinstance(t, int) for t in prompt_or_messages):
             return list(prompt_or_messages)
+        if self.tokenizer is None:
+            raise EdgekvError(f"{self.model_name} has no tokenizer: give it token ids")
         if isinstance(prompt_or_messages, str):
             if self.tokenizer.chat_template:
                 prompt_or_messages = [{"role": "user", "content": prompt_or_messages}]
@@ -209,7 +225,8 @@ class Engine:
         start = self.kv.length
         t = torch.tensor(ids, dtype=torch.int64, device=self.device)
         positions = torch.arange(start, start + len(ids), device=self.device)
-        hidden = self.model(t, positions, self.kv)
+        hook = self.speculator if len(ids) == 1 else None
+        hidden = self.model(t, positions, self.kv, hook)
         self.cached_ids.extend(ids)
         return hidden[-1]
 
@@ -245,8 +262,8 @@ class Engine:
         self.cached_ids = list(token_ids)
 
     @torch.inference_mode()
-    def score(self, token_ids: Sequence[int], *, prefill: int, argmax: bool = False,
-              margin: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def score(self, token_ids: Sequence[int], *, prefill: int, argmax: bool = False, margin: bool = False,
+              on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Teacher-forced negative log-likelihood (nats) of token_ids[prefill:], float32 [n].
 
         The first `prefill` tokens are prefilled; every later token is fed as a decode
@@ -267,6 +284,8 @@ class Engine:
         self._reset_counters()  # selection figures cover the scored decode steps
         nll, best, gap = [], [], []
         for i in range(prefill, len(ids)):
+            if on_logits is not None:
+                on_logits(i - prefill, logits.float())
             nll.append(-torch.log_softmax(logits.float(), dim=-1)[ids[i]])
             best.append(logits.argmax())  # greedy decoding's own choice (first of equal maxima)
             if margin:
@@ -359,25 +378,8 @@ class Engine:
             ids, reused, generated, t_prefill, t_decode, ttft, finish))
 
     def _reset_counters(self) -> None:
-        """Zero the offloaded cache's traffic and selection counters (the dense cache has none)."""
-        if isinstance(self.kv, TieredKVCache):
-            self.kv.reset_counters()
-
-    def _traffic(self, decode_steps: int) -> dict:
-        """Bytes each tier delivered per decode step, and the bandwidth each achieved."""
-        store = getattr(self.kv, "store", None)
-        if store is None or not decode_steps:
-            return {}
-        t = store.stats()
-        return {
-            "kv_read_bytes_per_token": {tier: round(b / decode_steps) for tier, b in t["bytes_read"].items()},
-            "kv_gbps": {tier: round(t["gbps"][tier], 3) for tier in ("device", "ram", "disk")},
-            "kv_disk_write_bytes": t["bytes_written"]["disk"],
-            # rows decode needed that were already on the device (cached or prefetched a layer ahead)
-            "device_hit_rate": round(t["device_hits"] / max(t["device_hits"] + t["device_misses"], 1), 4),
-            "prefetched_rows": t["prefetched_rows"],
-            **self.kv.counters.as_stats(decode_steps),
-        }
+        """Zero the cache's traffic and selection counters."""
+        self.kv.reset_counters()
 
     def _stats(self, ids, reused, generated, t_prefill, t_decode, ttft, finish) -> dict:
         prefilled = len(ids) - reused
@@ -392,7 +394,7 @@ class Engine:
             "decode_s": round(t_decode, 6),
             "decode_tok_s": round(decode_steps / t_decode, 3) if decode_steps and t_decode > 0 else 0.0,
             "kv_bytes": self.kv.resident_bytes(),
-            **self._traffic(decode_steps),
+            **self.kv.decode_stats(decode_steps),
             "finish_reason": finish,
             "model": self.model_name,
             "device": str(self.device),

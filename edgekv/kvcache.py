@@ -84,7 +84,11 @@ class PagedKVCache:
             pool[:, self.block_table[block], offset:offset + n] = x[:, done:done + n]
             pos, done = pos + n, done + n
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    persistent = False  # the dense reference is not kept in the document cache
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_pre: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the rotated k and v of the new tokens, attend with q (k_pre is not needed)."""
         end = self.length + k.shape[1]
         self._ensure_blocks(end)
         self._write(self.k_pool[layer], self.length, k)
@@ -108,6 +112,19 @@ class PagedKVCache:
 
     def close(self) -> None:
         """Nothing to release beyond memory."""
+
+    def decode_stats(self, decode_steps: int) -> dict:
+        """No traffic between tiers and no selection to report."""
+        return {}
+
+    def reset_counters(self) -> None:
+        """No counters."""
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError("the dense reference cache is not persisted")
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError("the dense reference cache is not persisted")
 
     def keys_values(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The stored K and V of `layer`: each [num_kv_heads, length, head_dim]."""

@@ -3,8 +3,9 @@
 The maths follows transformers' own implementation step for step (RMSNorm in float32,
 rotary embedding from transformers' rope initialisers, SiLU-gated MLP), so logits agree
 with transformers' forward to float rounding. Attention is not done here: each layer
-hands its rotated queries, keys and values to the KV cache, which stores them and
-attends (`KVCache.attend`). That call is where tiers, selection and kernels hook in.
+hands its rotated queries and keys, the keys before rotation and the values to the KV
+cache, which stores them and attends (`KVCache.attend`). That call is where tiers,
+selection and kernels hook in; `LayerHook` is where layer-ahead speculation does.
 
 Batch size is one sequence: activations are [T, hidden] for T new tokens.
 """
@@ -58,23 +59,51 @@ class ModelShape:
 
 
 class KVCache(Protocol):
-    """What the layer loop needs from a KV cache."""
+    """Everything the layer loop and the engine use of a KV cache (`edgekv.kvcache` dense,
+    `edgekv.tiered_cache` offloaded)."""
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    length: int  # tokens stored in every layer
+    persistent: bool  # whether export_state / import_state keep it (the document cache)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               k_pre: torch.Tensor) -> torch.Tensor:
         """Store k, v for the new tokens of `layer` and attend with q over everything stored.
 
-        q: [num_heads, T, head_dim]; k, v: [num_kv_heads, T, head_dim] (rotated keys).
-        Returns [num_heads, T, head_dim]. The new tokens sit at positions
-        `length .. length+T-1`, where `length` is the count before this forward pass.
+        q: [num_heads, T, head_dim] and k: [num_kv_heads, T, head_dim] rotated to their
+        positions; k_pre: the same keys before rotation (the rope scale applied: rotating
+        k_pre gives k); v: [num_kv_heads, T, head_dim]. Returns [num_heads, T, head_dim].
+        The new tokens sit at positions `length .. length+T-1`, where `length` is the
+        count before this forward pass.
         """
 
     def commit(self, num_tokens: int) -> None:
         """All layers have stored `num_tokens` new tokens: advance the length."""
 
-    # Optional (layer-ahead speculation): a cache whose `speculating` attribute is True
-    # gets `speculate(layer, q)` during a decode step, with an approximate query
-    # q [num_heads, head_dim] of `layer` made from the previous layer's input, before
-    # the previous layer attends.
+    def truncate(self, num_tokens: int) -> int:
+        """Keep at most the first `num_tokens` tokens; returns how many were kept."""
+
+    def resident_bytes(self) -> dict[str, int]:
+        """Bytes held now per tier ("device", and "ram", "disk" when offloaded)."""
+
+    def decode_stats(self, decode_steps: int) -> dict:
+        """Traffic and selection figures (stats keys) over the decode steps since
+        `reset_counters`; {} when there are none to give."""
+
+    def reset_counters(self) -> None: ...
+
+    def export_state(self) -> dict[str, torch.Tensor]: ...
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LayerHook(Protocol):
+    """Called by the layer loop of a decode step before each layer's projections."""
+
+    def before_layer(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """h: the layer's normed input [1, hidden]; cos, sin: [1, head_dim], the rotation
+        at the token's position (the rope scale applied)."""
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,37 +232,44 @@ class Decoder(torch.nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.rope_scale).to(self.dtype), (emb.sin() * self.rope_scale).to(self.dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv: KVCache,
+                hook: LayerHook | None = None) -> torch.Tensor:
         """Run T new tokens through every layer.
 
         input_ids, positions: int64 [T]. Returns the final-normed hidden states [T, hidden].
+        hook: told each layer's normed input (a decode step's layer-ahead speculation).
         """
         s = self.shape
         T = input_ids.shape[0]
         x = F.embedding(input_ids, self.embed)
         cos, sin = self.rope(positions)
-        speculating = T == 1 and getattr(kv, "speculating", False)
         q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, w in enumerate(self.layers):
             h = self._rms_norm(x, w["ln1"])
-            if speculating and i + 1 < len(self.layers):
-                # layer i+1's query from layer i's input (InfiniGen): its blocks load while layer i runs
-                nxt = self.layers[i + 1]
-                q_bias = None if nxt["qkv_bias"] is None else nxt["qkv_bias"][:q_rows]
-                q_next = linear(h, nxt["qkv"][:q_rows], q_bias).view(s.num_heads, s.head_dim)
-                kv.speculate(i + 1, q_next * cos[0] + _rotate_half(q_next) * sin[0])
+            if hook is not None:
+                hook.before_layer(i, h, cos, sin)
             qk, v = linear(h, w["qkv"], w["qkv_bias"]).split((q_rows + kv_rows, kv_rows), dim=-1)
-            qk = qk.reshape(T, s.num_heads + s.num_kv_heads, s.head_dim).transpose(0, 1)
-            qk = qk * cos + _rotate_half(qk) * sin  # queries and keys rotated together: [Hq + Hkv, T, D]
-            q, k = qk[:s.num_heads], qk[s.num_heads:]
+            qk_pre = qk.reshape(T, s.num_heads + s.num_kv_heads, s.head_dim).transpose(0, 1)
+            qk = qk_pre * cos + _rotate_half(qk_pre) * sin  # queries and keys rotated together: [Hq + Hkv, T, D]
+            k_pre = qk_pre[s.num_heads:]
+            if self.rope_scale != 1.0:
+                k_pre = k_pre * self.rope_scale
             v = v.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
-            attn = kv.attend(i, q, k, v)  # [Hq, T, D]
+            attn = kv.attend(i, qk[:s.num_heads], qk[s.num_heads:], v, k_pre)  # [Hq, T, D]
             x = x + linear(attn.transpose(0, 1).reshape(T, q_rows), w["o"], w["o_bias"])
             h = self._rms_norm(x, w["ln2"])
             gate, up = linear(h, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
             x = x + linear(F.silu(gate) * up, w["down"], w["down_bias"])
         kv.commit(T)
         return self._rms_norm(x, self.norm)
+
+    def query(self, layer: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The rotated queries [num_heads, T, head_dim] of `layer` for normed inputs h [T, hidden]."""
+        s, w = self.shape, self.layers[layer]
+        q_rows = s.num_heads * s.head_dim
+        bias = None if w["qkv_bias"] is None else w["qkv_bias"][:q_rows]
+        q = linear(h, w["qkv"][:q_rows], bias).reshape(h.shape[0], s.num_heads, s.head_dim).transpose(0, 1)
+        return q * cos + _rotate_half(q) * sin
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> float32 logits [T, vocab]."""

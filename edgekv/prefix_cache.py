@@ -45,7 +45,7 @@ def warm_prefix(engine, cache: DocumentCache, prefix: list[int],
     """Make the engine's KV hold `prefix`; returns "memory", "disk" or "computed"."""
     if engine.cached_ids[: len(prefix)] == prefix and engine.kv.length >= len(prefix):
         return "memory"
-    if not hasattr(engine.kv, "export_state"):  # the dense reference cache is not persisted
+    if not engine.kv.persistent:  # the dense reference cache is not kept
         engine.prefill(prefix, on_progress)
         return "computed"
     key = cache_key(model_id=engine.source.identity, token_ids=prefix, codec=layout_tag(engine),

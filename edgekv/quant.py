@@ -156,6 +156,19 @@ class BlockCodec:
         parts = [self._pack(k_codes), self._pack(v_codes), k_scale, k_zero, v_scale, v_zero]
         return torch.cat([_bytes(p, n) for p in parts], dim=1)
 
+    def encode_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """The key part of `encode` alone: ``k: [n, block_size, head_dim]`` -> uint8
+        ``[n, key_bytes]`` = ``[ K codes | K scale | K zero ]`` (16 bits: ``[ K fp16 ]``),
+        the bytes `encode` puts in those segments of each row (a key copy for scoring)."""
+        shape = (k.shape[0], self.block_size, self.head_dim)
+        if k.dim() != 3 or tuple(k.shape) != shape:
+            raise ValueError(f"k must be [n, {self.block_size}, {self.head_dim}] (got {tuple(k.shape)})")
+        n = shape[0]
+        if self.bits == 16:
+            return _bytes(k.to(torch.float16), n)
+        codes, scale, zero = self._quantize(k.float(), dim=1)
+        return torch.cat([_bytes(p, n) for p in (self._pack(codes), scale, zero)], dim=1)
+
     def decode(
         self,
         rows: torch.Tensor,
@@ -216,11 +229,11 @@ class BlockCodec:
         qmax = (1 << self.bits) - 1
         lo = x.amin(dim=dim, keepdim=True)
         hi = x.amax(dim=dim, keepdim=True)
-        zero = _round_half_down(lo)
+        zero = round_down_f16(lo)
         zero_f = zero.float()
         scale = ((hi - zero_f) / qmax).to(torch.float16)
         short = scale.float() * qmax + zero_f < hi
-        scale = torch.where(short, _f16_step(scale, +1), scale)
+        scale = torch.where(short, f16_step(scale, +1), scale)
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(lo))  # constant slice
         codes = (x - zero_f).div_(safe).round_().clamp_(0, qmax)
         return codes.to(torch.uint8), scale, zero
@@ -268,13 +281,19 @@ class BlockCodec:
         return buf.view(n, length).copy_(codes[:, :length])
 
 
-def _round_half_down(x: torch.Tensor) -> torch.Tensor:
+def round_down_f16(x: torch.Tensor) -> torch.Tensor:
     """fp32 -> the largest fp16 not above it (round toward -inf)."""
     h = x.to(torch.float16)
-    return torch.where(h.float() > x, _f16_step(h, -1), h)
+    return torch.where(h.float() > x, f16_step(h, -1), h)
 
 
-def _f16_step(h: torch.Tensor, direction: int) -> torch.Tensor:
+def round_up_f16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the smallest fp16 not below it (round toward +inf)."""
+    h = x.to(torch.float16)
+    return torch.where(h.float() < x, f16_step(h, +1), h)
+
+
+def f16_step(h: torch.Tensor, direction: int) -> torch.Tensor:
     """The fp16 neighbour of each finite ``h``, one step toward +inf (``direction=+1``)
     or -inf (``-1``). Integer arithmetic on the bits, so it runs on every device."""
     bits = h.view(torch.int16).int()

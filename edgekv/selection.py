@@ -40,9 +40,10 @@ from typing import Callable
 
 import torch
 
-from .kernels import bound_scores, compress_blocks, score_blocks
-from .kernels.block_score import adaptive_top_blocks, block_mass, key_copy, key_copy_bytes, top_blocks
-from .quant import BlockCodec
+from .config import SCORERS as POLICY_SCORERS
+from .kernels import bound_scores, score_blocks
+from .kernels.block_score import adaptive_top_blocks, block_mass, key_copy_bytes, top_blocks
+from .quant import BlockCodec, round_down_f16, round_up_f16
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +74,8 @@ def key_copy_codec(codec: BlockCodec) -> BlockCodec:
 
 
 def _keys4_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
-    c4 = key_copy_codec(codec)
-    return key_copy(compress_blocks(keys, keys, c4, backend=backend).rows, c4)
+    c4, h = key_copy_codec(codec), keys.shape[0]
+    return c4.encode_keys(keys.reshape(-1, codec.block_size, codec.head_dim)).view(h, -1, key_copy_bytes(c4))
 
 
 def _keys4_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
@@ -93,8 +94,9 @@ def _keys4_width(codec: BlockCodec) -> tuple[int, torch.dtype]:
 
 def _minmax_summarize(keys: torch.Tensor, codec: BlockCodec, backend: str) -> torch.Tensor:
     h, d = keys.shape[0], codec.head_dim
-    blocks = keys.reshape(h, -1, codec.block_size, d)
-    return torch.cat((blocks.amin(dim=2), blocks.amax(dim=2)), dim=-1).to(torch.float16)
+    blocks = keys.reshape(h, -1, codec.block_size, d).float()
+    # rounded outward, so that kmin <= k <= kmax holds for every key: the bound stays a bound
+    return torch.cat((round_down_f16(blocks.amin(dim=2)), round_up_f16(blocks.amax(dim=2))), dim=-1)
 
 
 def _minmax_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, codec: BlockCodec,
@@ -115,11 +117,16 @@ def _mean_score(q: torch.Tensor, summary: torch.Tensor, tail_k: torch.Tensor, co
     return torch.bmm(qg, summary.float().transpose(1, 2)).amax(dim=1)
 
 
+_IMPLEMENTATIONS = {  # name -> (summarize, score, width)
+    "mass": (_keys4_summarize, _mass_score, _keys4_width),
+    "keys4": (_keys4_summarize, _keys4_score, _keys4_width),
+    "minmax": (_minmax_summarize, _minmax_score, lambda c: (2 * c.head_dim, torch.float16)),
+    "mean": (_mean_summarize, _mean_score, lambda c: (c.head_dim, torch.float16)),
+}
+# the policy's scorers (`edgekv.config.SCORERS`: names and traits), each with its code
 SCORERS: dict[str, Scorer] = {
-    "mass": Scorer("mass", _keys4_summarize, _mass_score, _keys4_width, mass=True, key_copies=True),
-    "keys4": Scorer("keys4", _keys4_summarize, _keys4_score, _keys4_width, key_copies=True),
-    "minmax": Scorer("minmax", _minmax_summarize, _minmax_score, lambda c: (2 * c.head_dim, torch.float16)),
-    "mean": Scorer("mean", _mean_summarize, _mean_score, lambda c: (c.head_dim, torch.float16)),
+    name: Scorer(name, *_IMPLEMENTATIONS[name], mass=traits.mass, key_copies=traits.key_copies)
+    for name, traits in POLICY_SCORERS.items()
 }
 
 

@@ -8,7 +8,8 @@ class TextStream:
 
     Text is re-decoded from a small window of recent ids so multi-token characters and
     tokenizer spacing come out exactly as a full decode would; a trailing U+FFFD (an
-    unfinished UTF-8 sequence) is held back until the next token completes it.
+    unfinished UTF-8 sequence) is held back until the next token completes it. With no
+    tokenizer (a model of random weights) there is no text: every piece is "".
     """
 
     def __init__(self, tokenizer):
@@ -20,7 +21,7 @@ class TextStream:
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return "" if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import torch
@@ -81,7 +80,8 @@ class _Slots:
 class _RowPool:
     """One uint8 tensor `rows: [capacity, row_bytes]` on one device with a slot allocator.
 
-    Grows geometrically (new tensor + copy) up to `max_rows` unless preallocated."""
+    Grows geometrically (new tensor + copy) up to `max_rows` unless preallocated; a pinned
+    pool waits for the GPU before it lets go of the old tensor (kernels read it in place)."""
 
     def __init__(self, row_bytes: int, max_rows: int, device: torch.device, *, pin: bool,
                  preallocate: bool):
@@ -104,6 +104,8 @@ class _RowPool:
                 self.slots.give_back(slots)
                 raise
             new[:capacity].copy_(self.rows)
+            if self.pin:  # a GPU may be reading the old pinned pool in place: let it finish first
+                torch.cuda.synchronize()
             self.rows = new
         return slots
 
@@ -165,6 +167,21 @@ class _Counters:
     prefetch_hits: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Reservation:
+    """Device-cache slots taken for rows on their way there (`TierStore.reserve`).
+
+    ids: the rows; slots: int64 [n] device-cache slots, on the store's device;
+    rows: uint8 [n, row_bytes], their bytes gathered on the host (pinned with a pinned RAM
+    home), row j for ids[j]. Until `publish`, the rows are *arriving*: get() waits for
+    them and the device tables still say they are not on the device.
+    """
+
+    ids: list[int]
+    slots: torch.Tensor
+    rows: torch.Tensor
+
+
 class TierStore:
     """Rows of `row_bytes` bytes kept in RAM or on disk, with hot copies on the device.
 
@@ -173,24 +190,40 @@ class TierStore:
 
         put(ids, rows) ──► RAM home ── LRU spill, one pwrite per run of slots ──► disk home
                            uint8 [capacity, row_bytes]              file: slot k at k*row_bytes
-                           (pinned on CUDA, grows x2)                          │
+                           (pinned with pin_ram, grows x2)                     │
                               │ one index_select                  one preadv per run of slots
                               ▼                                                ▼
                            host staging [misses, row_bytes] = [RAM misses | disk misses]
-                              │ one copy to the device
-                              ▼
-        get(ids) ◄──────── device hot cache, LRU copies  ◄── prefetch(ids) (background thread)
+                              │ one copy to the device (get, prefetch), or the caller's own
+                              ▼ copy between reserve() and publish()
+        get(ids) ◄──────── device hot cache, LRU copies
                            uint8 [capacity, row_bytes] (on the GPU with CUDA, else RAM)
 
+    The store owns placement and bytes: which tier holds a row, the pools, the budgets,
+    the LRU orders and the counters. It runs nothing in the background and knows no
+    streams: a decode backend (`edgekv.backends`) decides when rows move. `prefetch`
+    copies rows to the device cache at once; `reserve` / `publish` let a backend do that
+    copy itself, outside the store's lock (on a CUDA copy stream): reserve takes device
+    slots (evicting least recently used copies) and gathers the rows' bytes on the host,
+    publish makes the copied rows readable.
+
+    With ``id_space`` the store also keeps its placement as two device tensors that a
+    backend reads with a gather instead of asking the host:
+
+        slot_table  int32 [id_space]   device-cache slot of each id, -1 = not there
+        ram_table   int32 [id_space]   RAM-home slot of each id, -1 = not in RAM
+
+    They are updated (stream-ordered, on the calling thread's current stream) wherever
+    placement changes; an evicted slot reads -1 before anything new is copied into it.
+
     Both the device cache and the RAM home are LRU (`edgekv.lru.LruIndex`: a read stamps
-    its slots in one array write); get() touches both. All methods are
-    thread-safe (one lock); a prefetch holds the lock while it reads, so it overlaps the
-    caller's compute, not other store calls.
+    its slots in one array write); get() touches both, `touch` records reads a backend
+    did in place. All methods are thread-safe (one lock).
     """
 
     def __init__(self, row_bytes: int, *, device_cache_bytes: int, ram_bytes: int,
                  disk_dir: str | os.PathLike | None, disk_bytes: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", pin_ram: bool = False, id_space: int | None = None):
         if row_bytes <= 0 or min(device_cache_bytes, ram_bytes, disk_bytes) < 0:
             raise ValueError("row_bytes must be positive and budgets non-negative")
         has_disk = disk_dir is not None
@@ -199,13 +232,12 @@ class TierStore:
         self.row_bytes = row_bytes
         self.device = torch.device(device)
         self._word = _word_dtype(row_bytes)
-        on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
-        self._pin = on_cuda
+        self._pin = pin_ram and torch.cuda.is_available()
         self._budgets = dict(device=device_cache_bytes, ram=ram_bytes, disk=disk_bytes if has_disk else 0)
         self._dev_pool = _RowPool(row_bytes, device_cache_bytes // row_bytes, self.device,
-                                  pin=False, preallocate=on_cuda)
+                                  pin=False, preallocate=self.device.type == "cuda")
         self._ram_pool = _RowPool(row_bytes, ram_bytes // row_bytes, torch.device("cpu"),
-                                  pin=on_cuda, preallocate=False)
+                                  pin=self._pin, preallocate=False)
         self._disk_slots = _Slots(self._budgets["disk"] // row_bytes)
         self._dev = LruIndex()  # id -> device slot, in order of last use
         self._ram = LruIndex()  # id -> RAM slot, in order of last use
@@ -220,12 +252,13 @@ class TierStore:
                                   f"{e.strerror or e}; pass a writable --disk-dir") from e
         self._finalizer = weakref.finalize(self, _close_file, self._fd, self.disk_path)
         self._lock = threading.RLock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgekv-prefetch")
-        self._inflight: dict[int, Future] = {}  # id -> the prefetch that will cache it
-        self._prefetched: set[int] = set()  # cached by a prefetch and not yet read by get
-        self._copy_stream = torch.cuda.Stream(self.device) if on_cuda else None
-        self._pool_used = torch.cuda.Event() if on_cuda else None  # last get's use of the cache
-        self._copy_events: list = []  # CUDA (start, end) events of host->device copies
+        self._published = threading.Condition(self._lock)  # notified when arriving rows land
+        self._arriving: dict[int, int] = {}  # id -> reserved device slot, until publish()
+        self._prefetched: set[int] = set()  # cached by a prefetch and not yet read
+        self.slot_table = self.ram_table = None
+        if id_space is not None:
+            self.slot_table = torch.full((id_space,), -1, dtype=torch.int32, device=self.device)
+            self.ram_table = torch.full((id_space,), -1, dtype=torch.int32, device=self.device)
         self._counters = _Counters()
         self._closed = False
 
@@ -262,6 +295,7 @@ class TierStore:
                 disk_slots = self._write_disk(buf)
                 for i in old:
                     self._ram.pop(i)
+                self._set_table(self.ram_table, old, -1)
                 self._ram_pool.slots.give_back(old_slots)
                 self._disk.update(zip(old, disk_slots))
                 spilled_new = dict(zip(id_list[:num_new], disk_slots[len(old):]))
@@ -274,6 +308,7 @@ class TierStore:
                     raise
                 self._w(self._ram_pool.rows).index_copy_(0, torch.tensor(slots), self._w(host))
                 self._ram.add(id_list, slots)
+                self._set_table(self.ram_table, id_list, slots)
             self._disk.update(spilled_new)
 
     def get(self, ids: torch.Tensor) -> torch.Tensor:
@@ -281,14 +316,12 @@ class TierStore:
 
         Device-cache hits are gathered there; misses come from RAM (one index_select) and
         disk (one preadv per run of slots) into one host buffer, go to the device in one
-        copy and enter the device cache. Waits for prefetches of these ids. Unknown id: KeyError.
+        copy and enter the device cache. Waits for arriving rows (`reserve`) of these
+        ids. Unknown id: KeyError.
         """
         id_list, rb = _id_list(ids), self.row_bytes
         with self._lock:
-            pending = {self._inflight[i] for i in id_list if i in self._inflight} if self._inflight else ()
-        if pending:
-            wait(pending)
-        with self._lock:
+            self._wait_arrivals(id_list)
             self._check_open()
             dev, c = self._dev, self._counters
             slots = dev.slots_of(id_list)
@@ -315,16 +348,15 @@ class TierStore:
             with self._timed("device"):
                 hits = self._w(self._dev_pool.rows).index_select(0, self._index(hit_slots))
             if not miss_ids:
-                self._mark_pool_used()
                 return hits.view(torch.uint8)
             out = torch.empty((len(id_list), rb), dtype=torch.uint8, device=self.device)
             if hit_pos:
                 self._w(out).index_copy_(0, self._index(hit_pos), hits)
             fetched, rows = self._fetch(miss_ids)
+            rows = self._to_device(rows)
             pos_of = dict(zip(miss_ids, miss_pos))
             self._w(out).index_copy_(0, self._index([pos_of[i] for i in fetched]), self._w(rows))
             self._cache_insert(fetched, rows)
-            self._mark_pool_used()
             return out
 
     def _get_cached(self, id_list: list[int], slots: list[int]) -> torch.Tensor:
@@ -332,7 +364,6 @@ class TierStore:
         self._touch_cached(id_list, slots)
         with self._timed("device"):
             rows = self._w(self._dev_pool.rows).index_select(0, self._index(slots))
-        self._mark_pool_used()
         return rows.view(torch.uint8)
 
     def _touch_cached(self, id_list: list[int], slots: list[int]) -> None:
@@ -341,12 +372,15 @@ class TierStore:
         c = self._counters
         self._dev.touch(slots)
         self._touch_ram(id_list)
+        self._count_prefetch_hits(id_list)
+        c.device_hits += len(id_list)
+        c.bytes_read["device"] += len(id_list) * self.row_bytes
+
+    def _count_prefetch_hits(self, id_list: list[int]) -> None:
         if self._prefetched:
             first_reads = self._prefetched.intersection(id_list)
             self._prefetched -= first_reads
-            c.prefetch_hits += len(first_reads)
-        c.device_hits += len(id_list)
-        c.bytes_read["device"] += len(id_list) * self.row_bytes
+            self._counters.prefetch_hits += len(first_reads)
 
     @contextlib.contextmanager
     def cached_rows(self, ids: torch.Tensor):
@@ -355,46 +389,124 @@ class TierStore:
         Yields ``(pool, slots)``: pool uint8 ``[capacity, row_bytes]`` (the device cache)
         and slots int64 ``[n]``, row ``ids[j]`` being ``pool[slots[j]]``, with the LRU
         updates and counts of a get(); or None when some id is not cached (then call
-        get()). The store's lock is held until the block ends, so no prefetch evicts or
+        get()). The store's lock is held until the block ends, so nothing evicts or
         moves a row while the caller reads it: keep the block short.
         """
         id_list = _id_list(ids)
         with self._lock:
             self._check_open()
             slots = self._dev.slots_of(id_list)
-            if slots is None or (self._inflight and any(i in self._inflight for i in id_list)):
+            if slots is None or (self._arriving and any(i in self._arriving for i in id_list)):
                 yield None
                 return
             self._touch_cached(id_list, slots)
             yield self._dev_pool.rows, self._index(slots)
-            self._mark_pool_used()
 
-    def prefetch(self, ids: torch.Tensor) -> None:
-        """Start caching the rows of ids (int64 [n]) on the device in the background.
-
-        Returns at once; a later get() of these ids waits for this instead of reading again.
-        Unknown id: KeyError. Ids freed before the fetch runs are skipped. With the device
-        cache in RAM (a CPU device) and every row in RAM, there is no transfer to overlap
-        and the copy runs here instead: a background thread's torch copies would start a
-        second OpenMP thread team, and on the CPU that slowed every later decode step by
-        half (measured: 49 ms per step without, 76 ms with, embedded model at 8K context).
-        """
+    def prefetch(self, ids: torch.Tensor) -> int:
+        """Copy the rows of ids (int64 [n]) that are not cached yet into the device cache,
+        now (least recently used copies make room); returns how many were copied.
+        Unknown id: KeyError. Background prefetching is the decode backend's to schedule
+        (`edgekv.backends`); this is the copy it schedules."""
         id_list = _id_list(ids)
         with self._lock:
             self._check_open()
             self._check_known(id_list)
-            todo = [i for i in id_list if i not in self._dev and i not in self._inflight]
-            if todo and self.device.type == "cpu" and all(i in self._ram for i in todo):
-                self._prefetch_rows(todo)
-            elif todo:
-                future = self._executor.submit(self._prefetch_rows, todo)
-                self._inflight.update(dict.fromkeys(todo, future))
+            todo = [i for i in id_list if i not in self._dev and i not in self._arriving]
+            if not todo:
+                return 0
+            fetched, rows = self._fetch(todo)
+            cached = self._cache_insert(fetched, self._to_device(rows))
+            self._prefetched.update(cached)
+            self._counters.prefetched_rows += len(cached)
+            return len(cached)
+
+    def reserve(self, ids: torch.Tensor) -> Reservation | None:
+        """Take device-cache slots for the ids (int64 [n]) not cached or arriving yet and
+        gather their bytes on the host; None when there are none (or the cache holds no
+        row). The caller copies `Reservation.rows` into ``device_rows[slots]`` (e.g. on a
+        copy stream, outside the store's lock), then calls `publish` once the copy is
+        complete (or `abandon`). Evicted copies read -1 in `slot_table` from here on
+        (stream-ordered on the calling thread's current stream: make the copy wait for it).
+        At most the device cache's capacity of ids, the last ones. Unknown id: KeyError."""
+        id_list = _id_list(ids)
+        with self._lock:
+            self._check_open()
+            self._check_known(id_list)
+            todo = [i for i in id_list if i not in self._dev and i not in self._arriving]
+            capacity = self._dev_pool.max_rows - len(self._arriving)
+            todo = todo[max(0, len(todo) - capacity):]
+            if not todo:
+                return None
+            slots = self._take_device_slots(len(todo))
+            fetched, rows = self._fetch(todo)
+            self._arriving.update(zip(fetched, slots))
+            return Reservation(fetched, self._index(slots), rows)
+
+    def fill(self, reservation: Reservation) -> None:
+        """Copy a reservation's rows into their device-cache slots, on the calling thread's
+        current stream (no wait; the slots are the reservation's alone until publish)."""
+        rows = reservation.rows.to(self.device, non_blocking=True)
+        self._w(self._dev_pool.rows).index_copy_(0, reservation.slots, self._w(rows))
+
+    def publish(self, reservation: Reservation) -> None:
+        """The reserved rows' bytes are in the device cache: make them readable (they count
+        as prefetched rows; `slot_table` gets their slots)."""
+        with self._lock:
+            ids = [i for i in reservation.ids if i in self._arriving]
+            slots = [self._arriving.pop(i) for i in ids]
+            live = [(i, s) for i, s in zip(ids, slots) if i in self._ram or i in self._disk]
+            dead = [s for i, s in zip(ids, slots) if not (i in self._ram or i in self._disk)]
+            self._dev_pool.slots.give_back(dead)  # freed while arriving
+            if live:
+                ids, slots = map(list, zip(*live))
+                self._dev.add(ids, slots)
+                self._set_table(self.slot_table, ids, slots)
+                self._prefetched.update(ids)
+                self._counters.prefetched_rows += len(ids)
+            self._published.notify_all()
+
+    def abandon(self, reservation: Reservation) -> None:
+        """Give back a reservation's slots without publishing its rows."""
+        with self._lock:
+            slots = [self._arriving.pop(i) for i in reservation.ids if i in self._arriving]
+            self._dev_pool.slots.give_back(slots)
+            self._published.notify_all()
+
+    def touch(self, ids: torch.Tensor) -> None:
+        """Record that the rows of ids (int64 [n]) were just read in place by the caller
+        (a backend reading the pools through the device tables): most recent in both LRU
+        orders; first reads of prefetched rows count as prefetch hits. Ids no longer
+        stored are skipped. Traffic counts stay the reader's (it knows where it read)."""
+        id_list = ids.tolist()
+        with self._lock:
+            if self._closed:
+                return
+            slots = [slot for slot in map(self._dev.get, id_list) if slot is not None]
+            self._dev.touch(slots)
+            self._touch_ram(id_list)
+            self._count_prefetch_hits(id_list)
 
     def device_room(self) -> int:
-        """Rows the device cache can take now without evicting a cached copy (prefetches
-        under way count as taken)."""
+        """Rows the device cache can take now without evicting a cached copy (arriving
+        rows count as taken)."""
         with self._lock:
-            return max(0, self._dev_pool.max_rows - len(self._dev) - len(self._inflight))
+            return max(0, self._dev_pool.max_rows - len(self._dev) - len(self._arriving))
+
+    @property
+    def has_disk_rows(self) -> bool:
+        """Whether some row's home is the disk (a reader must ask the store for it)."""
+        return bool(self._disk)
+
+    @property
+    def device_rows(self) -> torch.Tensor:
+        """The device cache: uint8 [capacity, row_bytes] (read it with `slot_table`)."""
+        return self._dev_pool.rows
+
+    @property
+    def ram_rows(self) -> torch.Tensor:
+        """The RAM home: uint8 [capacity, row_bytes] on the host, pinned with pin_ram
+        (read it with `ram_table`; it moves when it grows)."""
+        return self._ram_pool.rows
 
     def free(self, ids: torch.Tensor) -> None:
         """Forget the rows of ids (int64 [n]); their slots in every tier become reusable."""
@@ -402,15 +514,18 @@ class TierStore:
         with self._lock:
             self._check_open()
             self._check_known(id_list)
-            ram_slots, disk_slots, dev_slots = [], [], []
+            ram_slots, disk_slots, dev_ids, dev_slots = [], [], [], []
             for i in id_list:
                 if i in self._ram:
                     ram_slots.append(self._ram.pop(i))
                 else:
                     disk_slots.append(self._disk.pop(i))
                 if i in self._dev:
+                    dev_ids.append(i)
                     dev_slots.append(self._dev.pop(i))
                 self._prefetched.discard(i)
+            self._set_table(self.ram_table, id_list, -1)
+            self._set_table(self.slot_table, dev_ids, -1)
             self._ram_pool.slots.give_back(ram_slots)
             self._disk_slots.give_back(disk_slots)
             self._dev_pool.slots.give_back(dev_slots)
@@ -434,13 +549,12 @@ class TierStore:
 
         bytes_read {device, ram, disk}: bytes gathered from each tier (device = cache hits);
         bytes_written {disk}; bytes_to_device: host->device bytes; seconds {device, ram, disk,
-        disk_write, to_device} (CUDA copies timed by events, other CUDA work by launch time);
-        gbps: the same keys as seconds, in GB/s (1e9 bytes); device_hits / device_misses,
-        prefetched_rows, prefetch_hits: rows; allocated_bytes {device, ram, disk}: pool
-        tensors and disk file extent, budgets {device, ram, disk}: bytes.
+        disk_write, to_device} (host time of the store's own copies; a copy to a GPU is
+        waited for); gbps: the same keys as seconds, in GB/s (1e9 bytes); device_hits /
+        device_misses, prefetched_rows, prefetch_hits: rows; allocated_bytes {device, ram,
+        disk}: pool tensors and disk file extent, budgets {device, ram, disk}: bytes.
         """
         with self._lock:
-            self._fold_copy_events()
             c = self._counters
             moved = dict(c.bytes_read, disk_write=c.bytes_written["disk"], to_device=c.bytes_to_device)
             return dict(
@@ -455,21 +569,19 @@ class TierStore:
 
     def reset_counters(self) -> None:
         with self._lock:
-            self._copy_events.clear()
             self._counters = _Counters()
 
     def close(self) -> None:
-        """Wait for prefetches, drop every row and remove the disk file. Idempotent."""
+        """Drop every row and remove the disk file. Idempotent."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        with self._lock:
             self._finalizer()
-            for table in (self._dev, self._ram, self._disk, self._inflight, self._prefetched):
+            for table in (self._dev, self._ram, self._disk, self._arriving, self._prefetched):
                 table.clear()
             self._dev_pool.rows = self._ram_pool.rows = torch.empty((0, self.row_bytes), dtype=torch.uint8)
+            self._published.notify_all()
 
     def __enter__(self) -> TierStore:
         return self
@@ -478,6 +590,22 @@ class TierStore:
         self.close()
 
     # ---- internals (called with the lock held) ----------------------------------------
+
+    def _wait_arrivals(self, id_list: list[int]) -> None:
+        """Block until none of the ids is arriving (a reservation not yet published)."""
+        while self._arriving and not self._closed and any(i in self._arriving for i in id_list):
+            self._published.wait()
+
+    def _set_table(self, table: torch.Tensor | None, ids: list[int], values: list[int] | int) -> None:
+        """Write placement into a device table (no host wait: the indices cross as one
+        non-blocking copy)."""
+        if table is None or not ids:
+            return
+        index = self._index(ids)
+        if isinstance(values, int):
+            table.index_fill_(0, index, values)
+        else:
+            table.index_copy_(0, index, self._index(values).to(torch.int32))
 
     def _touch_ram(self, id_list: list[int]) -> None:
         """Make the ids with a RAM home the most recent there, in the order given."""
@@ -512,10 +640,14 @@ class TierStore:
         return rows.view(self._word)
 
     def _index(self, values: list[int]) -> torch.Tensor:
-        """int64 [n] on the store's device (through numpy on the CPU: a third of torch.tensor's time)."""
+        """int64 [n] on the store's device (through numpy on the CPU: a third of torch.tensor's
+        time; through pinned memory and a non-blocking copy on a GPU: no host wait)."""
+        host = torch.from_numpy(np.asarray(values, dtype=np.int64))
         if self.device.type == "cpu":
-            return torch.from_numpy(np.asarray(values, dtype=np.int64))
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+            return host
+        if torch.cuda.is_available():
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
 
     @contextlib.contextmanager
     def _timed(self, key: str):
@@ -564,8 +696,9 @@ class TierStore:
             raise EdgekvError(f"cannot read the KV disk tier file {self.disk_path}: {e.strerror or e}") from e
 
     def _fetch(self, ids: list[int]) -> tuple[list[int], torch.Tensor]:
-        """Gather rows not in the device cache: (ids in the gathered order, uint8 [n, row_bytes]
-        on the device). RAM rows first (one index_select), then disk rows, then one copy."""
+        """Gather rows not in the device cache on the host: (ids in the gathered order, uint8
+        [n, row_bytes], pinned with a pinned RAM home). RAM rows first (one index_select),
+        then disk rows."""
         ram_ids = [i for i in ids if i in self._ram]
         disk_ids = [i for i in ids if i not in self._ram]
         rb, c = self.row_bytes, self._counters
@@ -578,68 +711,40 @@ class TierStore:
         if disk_ids:
             self._read_disk([self._disk[i] for i in disk_ids], staging[len(ram_ids):])
             c.bytes_read["disk"] += len(disk_ids) * rb
-        return ram_ids + disk_ids, self._to_device(staging)
+        return ram_ids + disk_ids, staging
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
-        """The one host->device copy of a get or prefetch (none when the device is the CPU)."""
+        """The one host->device copy of a get or prefetch (none when the device is the CPU);
+        waited for, so its time is the copy's."""
         if self.device.type == "cpu":
             return host
         self._counters.bytes_to_device += host.numel()
-        if self.device.type != "cuda":
-            with self._timed("to_device"):
-                return host.to(self.device)
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        rows = host.to(self.device, non_blocking=True)
-        end.record(stream)
-        self._copy_events.append((start, end))
-        if len(self._copy_events) > 256:
-            self._fold_copy_events()
+        with self._timed("to_device"):
+            rows = host.to(self.device)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
         return rows
 
-    def _fold_copy_events(self) -> None:
-        for start, end in self._copy_events:
-            end.synchronize()
-            self._counters.seconds["to_device"] += start.elapsed_time(end) / 1e3
-        self._copy_events.clear()
+    def _take_device_slots(self, n: int) -> list[int]:
+        """n free device-cache slots (n <= capacity - arriving), evicting the least recently
+        used copies; their ids read -1 in slot_table."""
+        evicted = self._dev.oldest(len(self._dev) + len(self._arriving) + n - self._dev_pool.max_rows)
+        self._dev_pool.slots.give_back([self._dev.pop(i) for i in evicted])
+        self._set_table(self.slot_table, evicted, -1)
+        self._prefetched.difference_update(evicted)
+        return self._dev_pool.take(n)
 
     def _cache_insert(self, ids: list[int], rows: torch.Tensor) -> list[int]:
         """Copy rows (uint8 [n, row_bytes], device) of uncached ids into the device cache,
         evicting least recently used copies; keeps the last ones if n exceeds the cache.
         Returns the ids cached."""
-        capacity = self._dev_pool.max_rows
+        capacity = self._dev_pool.max_rows - len(self._arriving)
         if len(ids) > capacity:
             ids, rows = ids[len(ids) - capacity:], rows[len(ids) - capacity:]
-        evicted = self._dev.oldest(len(self._dev) + len(ids) - capacity)
-        self._dev_pool.slots.give_back([self._dev.pop(i) for i in evicted])
-        self._prefetched.difference_update(evicted)
-        slots = self._dev_pool.take(len(ids))
+        if not ids:
+            return []
+        slots = self._take_device_slots(len(ids))
         self._w(self._dev_pool.rows).index_copy_(0, self._index(slots), self._w(rows))
         self._dev.add(ids, slots)
+        self._set_table(self.slot_table, ids, slots)
         return ids
-
-    def _mark_pool_used(self) -> None:
-        if self._pool_used is not None:  # a prefetch's copy stream waits for this get's reads
-            self._pool_used.record(torch.cuda.current_stream(self.device))
-
-    def _prefetch_rows(self, ids: list[int]) -> None:
-        """Background half of prefetch(): fetch and cache the ids still stored and uncached."""
-        with self._lock:
-            try:
-                todo = [] if self._closed else [
-                    i for i in ids if i not in self._dev and (i in self._ram or i in self._disk)]
-                if not todo:
-                    return
-                if self._copy_stream is None:
-                    cached = self._cache_insert(*self._fetch(todo))
-                else:
-                    with torch.cuda.stream(self._copy_stream):
-                        self._copy_stream.wait_event(self._pool_used)
-                        cached = self._cache_insert(*self._fetch(todo))
-                    self._copy_stream.synchronize()  # rows are ready before the lock is released
-                self._prefetched.update(cached)
-                self._counters.prefetched_rows += len(cached)
-            finally:
-                for i in ids:
-                    self._inflight.pop(i, None)

@@ -26,6 +26,12 @@ from edgekv.errors import EdgekvError
 from edgekv.quant import BlockCodec
 
 BACKENDS = ("auto", "torch", "triton", "numba")
+# Every Triton launch states whether a*b+c may fuse into one rounding (FMA): on, as
+# Triton has done by default (its default is changing). No kernel's exactness depends on
+# it (dequantizing products are exact, RoPE's range reduction spells out its FMAs); it
+# moves softmax and rotation rounding within the tests' tolerances. `kernels/aot.py`
+# compiles with the same setting.
+FP_FUSION = True
 
 
 @functools.cache
@@ -80,16 +86,17 @@ def dispatch(backend: str, twin: Callable, triton_module: str, name: str,
     return getattr(module, name)
 
 
-def check_triton_device(kernel: object, *tensors: torch.Tensor) -> None:
+def check_triton_device(kernel: object, *tensors: torch.Tensor, host_ok: bool = False) -> None:
     """Fail early when a Triton kernel cannot read ``tensors``.
 
-    A compiled kernel needs CUDA tensors; an interpreted one (``TRITON_INTERPRET=1``
-    at import) runs on CPU tensors.
+    A compiled kernel needs CUDA tensors (``host_ok``: or pinned host tensors, which a GPU
+    reads in place over the bus); an interpreted one (``TRITON_INTERPRET=1`` at import)
+    runs on CPU tensors.
     """
     if type(kernel).__name__ == "InterpretedFunction":
         return
     for t in tensors:
-        if not t.is_cuda:
+        if not t.is_cuda and not (host_ok and t.is_pinned()):
             raise EdgekvError(
                 "the Triton kernels need CUDA tensors; on the CPU use backend='torch' (or set "
                 "TRITON_INTERPRET=1 before edgekv's Triton kernels are first imported to run "

@@ -101,7 +101,7 @@ def load_v_tile(row_ptr, t, t_mask, c, c_mask,
 @triton.jit
 def f16_step(h, DIRECTION: tl.constexpr):
     """The fp16 neighbour of each finite ``h`` one step toward +inf (``DIRECTION=1``) or
-    -inf (``-1``), by integer arithmetic on the bits (the codec's ``_f16_step``)."""
+    -inf (``-1``), by integer arithmetic on the bits (the codec's ``f16_step``)."""
     bits = h.to(tl.int16, bitcast=True).to(tl.int32)
     order = tl.where(bits < 0, -(bits & 0x7FFF), bits) + DIRECTION
     out = tl.where(order < 0, -order - 32768, order)
@@ -113,13 +113,6 @@ def round_down_f16(x):
     """fp32 -> the largest fp16 not above it."""
     h = x.to(tl.float16)
     return tl.where(h.to(tl.float32) > x, f16_step(h, -1), h)
-
-
-@triton.jit
-def round_up_f16(x):
-    """fp32 -> the smallest fp16 not below it."""
-    h = x.to(tl.float16)
-    return tl.where(h.to(tl.float32) < x, f16_step(h, 1), h)
 
 
 @triton.jit

@@ -108,18 +108,38 @@ def adaptive_top_blocks(weights: torch.Tensor, k: int, sink_blocks: int, *,
 
 def adaptive_top_blocks_torch(weights: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
     """The reference twin of `adaptive_top_blocks`."""
+    return _ragged_ids(_adaptive_choice(weights, k, sink_blocks))
+
+
+def adaptive_top_blocks_padded(weights: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """`adaptive_top_blocks` (torch ops, on any device) padded to a width fixed by the
+    shapes alone: int64 [num_kv_heads, min(num_blocks, sink_blocks + num_kv_heads * (k -
+    sink_blocks))], the most blocks any head can get; each row holds its blocks
+    ascending, then -1. No value is read back to the host (the width of
+    `adaptive_top_blocks` is the largest count actually chosen, which would be)."""
     hkv, nb = weights.shape
+    if k >= nb:
+        return torch.arange(nb, device=weights.device).expand(hkv, -1)
+    width = min(nb, sink_blocks + hkv * (k - sink_blocks))
+    return _ragged_ids(_adaptive_choice(weights, k, sink_blocks), width)
+
+
+def _adaptive_choice(weights: torch.Tensor, k: int, sink_blocks: int) -> torch.Tensor:
+    """bool [num_kv_heads, num_blocks]: every head's sinks and the num_kv_heads * (k -
+    sink_blocks) highest other weights of any head."""
+    hkv = weights.shape[0]
     free = weights[:, sink_blocks:].float()
     chosen_free = torch.zeros(free.numel(), dtype=torch.bool, device=weights.device)
     chosen_free[free.flatten().topk(hkv * (k - sink_blocks), sorted=False).indices] = True
     sinks = torch.ones(hkv, sink_blocks, dtype=torch.bool, device=weights.device)
-    return _ragged_ids(torch.cat((sinks, chosen_free.view_as(free)), dim=1))
+    return torch.cat((sinks, chosen_free.view_as(free)), dim=1)
 
 
-def _ragged_ids(chosen: torch.Tensor) -> torch.Tensor:
-    """int64 [H, max per row]: the column ids of each row's True entries, ascending, then -1."""
-    counts = chosen.sum(dim=1)
-    width = int(counts.max())
+def _ragged_ids(chosen: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """int64 [H, width]: the column ids of each row's True entries, ascending, then -1
+    (width: the most True entries of a row, unless given)."""
+    if width is None:
+        width = int(chosen.sum(dim=1).max())
     cols = torch.arange(chosen.shape[1], device=chosen.device).expand_as(chosen)
     order = torch.where(chosen, cols, chosen.shape[1]).sort(dim=1).values[:, :width]  # chosen first, ascending
     return torch.where(order < chosen.shape[1], order, -1)

@@ -239,7 +239,7 @@ class NumbaBlockSelector:
 
     def __call__(self, q: torch.Tensor, summaries: torch.Tensor, num_blocks: int, k: int,
                  sink_blocks: int, tail_k: torch.Tensor | None = None, tail_len: int = 0,
-                 adaptive: bool = False) -> torch.Tensor:
+                 adaptive: bool = False, tail_start: int = 0) -> torch.Tensor:
         """int64 [Hkv, k] ascending block ids (k < num_blocks) for q [Hq, D] over the first
         num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes]. Block
         maxima are not comparable across heads: no tail to weigh, no adaptive budget."""
@@ -325,9 +325,10 @@ def _block_lse_kernel(d: int, block_size: int):
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def _mass_from_lse(bmax, bsum, q, tail_k, tail_len, out):
+def _mass_from_lse(bmax, bsum, q, tail_k, tail_start, tail_len, out):
     """out [H, N] = sum over the group of each block's share of the softmax over every
-    block (bmax, bsum [H, G, N]) and the first tail_len exact keys of tail_k [H, >=T, D]."""
+    block (bmax, bsum [H, G, N]) and the tail_len exact keys of tail_k [H, >= tail_start +
+    tail_len, D] from token tail_start on."""
     num_heads, group, num_blocks = bmax.shape
     d = q.shape[2]
     w = np.empty(num_blocks, np.float32)
@@ -341,7 +342,7 @@ def _mass_from_lse(bmax, bsum, q, tail_k, tail_len, out):
             for t in range(tail_len):
                 acc = np.float32(0.0)
                 for c in range(d):
-                    acc += q[h, g, c] * tail_k[h, t, c]
+                    acc += q[h, g, c] * tail_k[h, tail_start + t, c]
                 ts[t] = acc
                 top = max(top, acc)
             for n in range(num_blocks):
@@ -422,7 +423,7 @@ def block_mass_numba(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, tai
                                            layout["KZ_OFF"], chunks, bmax, bsum)
     out = torch.empty(hkv, nb, dtype=torch.float32)
     tail = tail_k.float().contiguous().numpy()
-    _mass_from_lse(bmax, bsum, qs, tail, tail.shape[1], out.numpy())
+    _mass_from_lse(bmax, bsum, qs, tail, 0, tail.shape[1], out.numpy())
     return out
 
 
@@ -433,10 +434,10 @@ def _mass_select_kernel(d: int, block_size: int):
     block_lse = _block_lse_kernel(d, block_size)
 
     @njit(cache=True, nogil=True)
-    def select(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum, tail_k, tail_len, mass, k,
+    def select(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum, tail_k, tail_start, tail_len, mass, k,
                sink_blocks, adaptive, ids):
         block_lse(q, rows, words, k_off, scale_w, zero_w, chunks, bmax, bsum)
-        _mass_from_lse(bmax, bsum, q, tail_k, tail_len, mass)
+        _mass_from_lse(bmax, bsum, q, tail_k, tail_start, tail_len, mass)
         if adaptive:
             return _adaptive_top(mass, k, sink_blocks, ids)
         _top_blocks(mass, k, sink_blocks, ids)
@@ -463,11 +464,12 @@ class NumbaMassSelector:
         self.kernel = _mass_select_kernel(key_codec.head_dim, key_codec.block_size)
 
     def __call__(self, q: torch.Tensor, summaries: torch.Tensor, num_blocks: int, k: int, sink_blocks: int,
-                 tail_k: torch.Tensor, tail_len: int, adaptive: bool) -> torch.Tensor:
+                 tail_k: torch.Tensor, tail_len: int, adaptive: bool, tail_start: int = 0) -> torch.Tensor:
         """int64 [Hkv, k] ascending block ids (k < num_blocks) for q [Hq, D] over the first
         num_blocks blocks of summaries uint8 [Hkv, >= num_blocks, key_copy_bytes] and the
-        first tail_len keys of tail_k [Hkv, >= tail_len, D]; adaptive: [Hkv, k_max], -1
-        after each head's blocks (`adaptive_top_blocks`)."""
+        tail_len keys of tail_k [Hkv, >= tail_start + tail_len, D] from tail_start on (a
+        contiguous buffer is read in place); adaptive: [Hkv, k_max], -1 after each head's
+        blocks (`adaptive_top_blocks`)."""
         hkv, d = summaries.shape[0], q.shape[-1]
         group = q.shape[0] // hkv
         qs = (q.float().reshape(hkv, group, d) * self.sm_scale).contiguous().numpy()
@@ -478,5 +480,6 @@ class NumbaMassSelector:
         chunks = min(hkv * num_blocks, CHUNKS_PER_THREAD * kernel_threads())
         rows = summaries.numpy()
         width = self.kernel(qs, rows, rows.view(np.uint16), *self.layout, chunks, bmax, bsum,
-                            tail_k.float().contiguous().numpy(), tail_len, mass, k, sink_blocks, adaptive, ids.numpy())
+                            tail_k.float().contiguous().numpy(), tail_start, tail_len, mass, k, sink_blocks, adaptive,
+                            ids.numpy())
         return ids[:, :width]

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from edgekv.quant import BlockCodec
 
-from ._backend import (aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, row_offsets,
+from ._backend import (FP_FUSION, aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, row_offsets,
                        tile_layout)
 from ._tl_blocks import load_k_tile, mma
 from .block_score import check_bound_args, check_combine, query_group
@@ -113,7 +113,7 @@ def score_blocks_triton(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, 
         q, rows, out, nb, q.stride(0), rows.stride(0), rows.stride(1), out.stride(0),
         GROUP_Q=group, COMBINE_MAX=combine == "max", BLOCKS_PER_PROG=BLOCKS_PER_PROG,
         DOT_DTYPE=dot, IEEE=dot == tl.float32, BLOCK_H=max(16, next_pow2(group)),
-        BLOCK_D=layout["BLOCK_DJ"] * layout["CPB"], **layout)
+        BLOCK_D=layout["BLOCK_DJ"] * layout["CPB"], **layout, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -132,5 +132,5 @@ def bound_scores_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor,
         q, kmin, kmax, out, nb, q.stride(0), kmin.stride(0), kmin.stride(1), kmax.stride(0),
         kmax.stride(1), out.stride(0), GROUP_Q=group, COMBINE_MAX=combine == "max", HEAD_DIM=d,
         DOT_DTYPE=dot, IEEE=dot == tl.float32, BLOCK_H=max(16, next_pow2(group)),
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_B=BOUND_BLOCKS)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_B=BOUND_BLOCKS, enable_fp_fusion=FP_FUSION)
     return out

@@ -1,10 +1,9 @@
 """Triton kernel of `edgekv.kernels.compress` (`compress_blocks_triton`).
 
 Grid ``(num_kv_heads, n)``: a program loads one block's K and V ``[BLOCK_T, BLOCK_D]``
-(fp32 in registers), and writes its row and its summary::
+(fp32 in registers), and writes its row::
 
-    K: per-channel min/max over tokens ──> kmin/kmax (fp16, rounded down/up) ─> summary
-                                       └─> zero = kmin, scale ─> codes ─> packed K codes
+    K: per-channel min/max over tokens ─> zero = min rounded down, scale ─> packed K codes
     V: per-token min/max over each group of VGROUP channels ─> scale, zero ─> packed V codes
     row = [ K codes | V codes | K scale | K zero | V scale | V zero ]   (16 bits: [K | V] fp16)
 
@@ -22,9 +21,9 @@ import triton.language as tl
 
 from edgekv.quant import BlockCodec
 
-from ._backend import check_triton_device, tile_layout
-from ._tl_blocks import quant_codes, quant_grid, round_down_f16, round_up_f16
-from .compress import CompressedBlocks, check_blocks, empty_blocks
+from ._backend import FP_FUSION, check_triton_device, tile_layout
+from ._tl_blocks import quant_codes, quant_grid
+from .compress import check_blocks
 
 
 @triton.jit
@@ -44,9 +43,8 @@ def _store_codes(seg_ptr, codes, t_mask, BITS: tl.constexpr, CPB: tl.constexpr, 
 
 
 @triton.jit
-def _compress_kernel(k_ptr, v_ptr, rows_ptr, kmin_ptr, kmax_ptr,
+def _compress_kernel(k_ptr, v_ptr, rows_ptr,
                      stride_kh, stride_kt, stride_vh, stride_vt, stride_rh, stride_rb,
-                     stride_nh, stride_nb, stride_xh, stride_xb,
                      QMAX: tl.constexpr, BLOCK_D: tl.constexpr,
                      BITS: tl.constexpr, CPB: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
                      VGROUP: tl.constexpr, NUM_VGROUPS: tl.constexpr, CODE_BYTES: tl.constexpr,
@@ -66,11 +64,9 @@ def _compress_kernel(k_ptr, v_ptr, rows_ptr, kmin_ptr, kmax_ptr,
     k = k.to(tl.float32)
     v = v.to(tl.float32)
 
-    # key summary: per-channel range over the block's tokens
+    # keys: per-channel range over the block's tokens
     lo = tl.where(c_mask, tl.min(tl.where(m2, k, float("inf")), axis=0), 0.0)  # [BLOCK_D]
     hi = tl.where(c_mask, tl.max(tl.where(m2, k, float("-inf")), axis=0), 0.0)
-    tl.store(kmin_ptr + h * stride_nh + b * stride_nb + c, round_down_f16(lo), mask=c_mask)
-    tl.store(kmax_ptr + h * stride_xh + b * stride_xb + c, round_up_f16(hi), mask=c_mask)
 
     row = rows_ptr + h * stride_rh + b * stride_rb
     row16 = row.to(tl.pointer_type(tl.float16))
@@ -106,20 +102,16 @@ def _compress_kernel(k_ptr, v_ptr, rows_ptr, kmin_ptr, kmax_ptr,
             tl.store(row + V_OFF + pad, zeros, mask=pad < CODE_BYTES)
 
 
-def compress_blocks_triton(k: torch.Tensor, v: torch.Tensor, codec: BlockCodec) -> CompressedBlocks:
+def compress_blocks_triton(k: torch.Tensor, v: torch.Tensor, codec: BlockCodec) -> torch.Tensor:
     """Triton twin of `edgekv.kernels.compress.compress_blocks_torch` (one launch)."""
     hkv, n = check_blocks(k, v, codec)
     check_triton_device(_compress_kernel, k, v)
-    if n == 0:
-        return empty_blocks(hkv, codec, k.device)
-    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
-    d = codec.head_dim
-    layout = tile_layout(codec)
     rows = torch.empty(hkv, n, codec.row_bytes, dtype=torch.uint8, device=k.device)
-    kmin = torch.empty(hkv, n, d, dtype=torch.float16, device=k.device)
-    kmax = torch.empty(hkv, n, d, dtype=torch.float16, device=k.device)
+    if n == 0:
+        return rows
+    k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (k, v))
+    layout = tile_layout(codec)
     _compress_kernel[(hkv, n)](
-        k, v, rows, kmin, kmax, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        rows.stride(0), rows.stride(1), kmin.stride(0), kmin.stride(1), kmax.stride(0), kmax.stride(1),
-        QMAX=(1 << codec.bits) - 1, BLOCK_D=layout["BLOCK_DJ"] * layout["CPB"], **layout)
-    return CompressedBlocks(rows, kmin, kmax)
+        k, v, rows, k.stride(0), k.stride(1), v.stride(0), v.stride(1), rows.stride(0), rows.stride(1),
+        QMAX=(1 << codec.bits) - 1, BLOCK_D=layout["BLOCK_DJ"] * layout["CPB"], **layout, enable_fp_fusion=FP_FUSION)
+    return rows

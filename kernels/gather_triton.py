@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._backend import check_triton_device
+from ._backend import FP_FUSION, check_triton_device
 from .gather import prepare_out
 
 BLOCK_WORDS = 512
@@ -56,5 +56,5 @@ def gather_rows_triton(pool: torch.Tensor, slots: torch.Tensor, out: torch.Tenso
     row_words = pool_w.shape[1]
     block = min(BLOCK_WORDS, triton.next_power_of_2(row_words))
     _gather_kernel[(n, triton.cdiv(row_words, block))](
-        pool_w, slots, out_w, row_words, pool_w.stride(0), out_w.stride(0), BLOCK=block)
+        pool_w, slots, out_w, row_words, pool_w.stride(0), out_w.stride(0), BLOCK=block, enable_fp_fusion=FP_FUSION)
     return out

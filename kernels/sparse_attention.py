@@ -70,6 +70,55 @@ def sparse_decode_attention(q: torch.Tensor, rows: torch.Tensor, codec: BlockCod
               split_blocks=split_blocks, block_ids=block_ids, rope_inv_freq=rope_inv_freq)
 
 
+def pooled_decode_attention(q: torch.Tensor, device_rows: torch.Tensor, host_rows: torch.Tensor,
+                            slots: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor, tail_v: torch.Tensor, *,
+                            num_valid: int | torch.Tensor | None = None, sm_scale: float | None = None,
+                            split_blocks: int | None = None, block_ids: torch.Tensor | None = None,
+                            rope_inv_freq: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """`sparse_decode_attention` with each selected row read where it lies in one of two pools:
+
+        slots[h, j] >= 0:  row j of KV head h is device_rows[slots[h, j]]
+        slots[h, j] <  0:  it is host_rows[-1 - slots[h, j]]   (on a GPU: pinned host memory,
+                                                               read in place over the bus)
+
+    device_rows, host_rows: uint8 [P, row_bytes] (the store's device cache and RAM home);
+    slots: int [num_kv_heads, k_selected] on the device. Other arguments as
+    `sparse_decode_attention`'s (rows [Hkv, k, row_bytes] there are the gathered pools
+    here). Entries at index >= num_valid[h] are never read.
+    """
+    fn = dispatch(backend, pooled_decode_attention_torch, "sparse_attention_triton",
+                  "pooled_decode_attention_triton", (q, device_rows, slots, tail_k, tail_v))
+    return fn(q, device_rows, host_rows, slots, codec, tail_k, tail_v, num_valid=num_valid, sm_scale=sm_scale,
+              split_blocks=split_blocks, block_ids=block_ids, rope_inv_freq=rope_inv_freq)
+
+
+def check_pooled_args(device_rows: torch.Tensor, host_rows: torch.Tensor, slots: torch.Tensor,
+                      codec: BlockCodec) -> None:
+    for name, pool in (("device_rows", device_rows), ("host_rows", host_rows)):
+        if pool.dtype != torch.uint8 or pool.dim() != 2 or pool.shape[1] != codec.row_bytes or not pool.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous uint8 [P, {codec.row_bytes}] pool "
+                             f"(got {tuple(pool.shape)} {pool.dtype})")
+    if slots.dim() != 2 or slots.is_floating_point():
+        raise ValueError(f"slots must be an int tensor [num_kv_heads, k_selected] (got {tuple(slots.shape)} {slots.dtype})")
+
+
+def pooled_decode_attention_torch(q: torch.Tensor, device_rows: torch.Tensor, host_rows: torch.Tensor,
+                                  slots: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor,
+                                  tail_v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The twin: gather each row from its pool, then `sparse_decode_attention_torch`."""
+    check_pooled_args(device_rows, host_rows, slots, codec)
+    slots = slots.to(torch.int64)
+
+    def gather(pool: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [Hkv, k, row_bytes]
+        if not pool.shape[0]:
+            return torch.zeros(*index.shape, pool.shape[1], dtype=torch.uint8, device=slots.device)
+        return pool[index.to(pool.device)].to(slots.device)
+
+    rows = torch.where((slots >= 0)[..., None], gather(device_rows, slots.clamp(min=0)),
+                       gather(host_rows, (-1 - slots).clamp(min=0)))
+    return sparse_decode_attention_torch(q, rows, codec, tail_k, tail_v, **kwargs)
+
+
 def check_attention_args(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec,
                          tail_k: torch.Tensor, tail_v: torch.Tensor, block_ids: torch.Tensor | None = None,
                          rope_inv_freq: torch.Tensor | None = None) -> int:

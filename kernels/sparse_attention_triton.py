@@ -46,9 +46,10 @@ import triton.language as tl
 
 from edgekv.quant import BlockCodec
 
-from ._backend import aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, num_sms, tile_layout
+from ._backend import (FP_FUSION, aligned_rows, check_triton_device, dot_dtype, is_interpreted, next_pow2, num_sms,
+                       tile_layout)
 from ._tl_blocks import load_k_channels, load_k_tile, load_v_tile, mma
-from .sparse_attention import check_attention_args
+from .sparse_attention import check_attention_args, check_pooled_args
 
 LOG2E = 1.4426950408889634
 MERGE_SPLITS = 32  # splits read per step of the merge loop
@@ -100,10 +101,13 @@ def _softmax_step(s, v, t_mask, m, l, acc, DOT_DTYPE: tl.constexpr, IEEE: tl.con
 @triton.jit(do_not_specialize=["k_selected", "tail_len", "num_row_splits", "split_blocks",
                                "tail_tiles", "nv_all"])
 def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr, bid_ptr, freq_ptr,
+                    slot_ptr, host_ptr,
                     k_selected, tail_len, num_row_splits, split_blocks, tail_tiles, nv_all, qk_scale,
                     stride_qh, stride_rh, stride_rb, stride_kh, stride_kt, stride_vh, stride_vt,
                     stride_oh, stride_os, stride_og, stride_lh, stride_ls, stride_bh, stride_bj,
-                    GROUP_Q: tl.constexpr, PER_HEAD_NV: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                    stride_sh, stride_sj, stride_pool,
+                    GROUP_Q: tl.constexpr, PER_HEAD_NV: tl.constexpr, SLOTS: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, ROPE: tl.constexpr, HALF: tl.constexpr,
                     BLOCK_HALF: tl.constexpr,
                     BITS: tl.constexpr, CPB: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -144,7 +148,13 @@ def _partial_kernel(q_ptr, rows_ptr, tk_ptr, tv_ptr, nv_ptr, o_ptr, lse_ptr, bid
         row = rows_ptr + hb * stride_rh + start.to(tl.int64) * stride_rb
         if ROPE:
             bid = bid_ptr + hb * stride_bh + start.to(tl.int64) * stride_bj  # block_ids[h, start]
-        for _ in range(start, end):
+        for j in range(start, end):
+            if SLOTS:  # row j of head h is device-pool row slot, or host-pool row -1 - slot
+                slot = tl.load(slot_ptr + hb * stride_sh + j * stride_sj).to(tl.int64)
+                if slot >= 0:
+                    row = rows_ptr + slot * stride_pool
+                else:
+                    row = host_ptr + (-1 - slot) * stride_pool
             if ROPE:
                 k1 = load_k_channels(row, t, t_mask, ch, ch_mask, 0, HALF, BITS, CPB, HEAD_DIM, K_OFF,
                                      KS_OFF, KZ_OFF, BLOCK_T, BLOCK_HALF // CPB)  # [BLOCK_T, BLOCK_HALF]
@@ -225,16 +235,49 @@ def sparse_decode_attention_triton(q: torch.Tensor, rows: torch.Tensor, codec: B
                                    split_blocks: int | None = None, block_ids: torch.Tensor | None = None,
                                    rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of `edgekv.kernels.sparse_attention.sparse_decode_attention_torch`."""
-    group = check_attention_args(q, rows, codec, tail_k, tail_v, block_ids, rope_inv_freq)
+    check_attention_args(q, rows, codec, tail_k, tail_v, block_ids, rope_inv_freq)
     rows = aligned_rows(rows, codec, 3)
+    check_triton_device(_partial_kernel, rows)
+    return _attend(q, codec, tail_k, tail_v, rows.shape[0], rows.shape[1], (rows, rows.stride(0), rows.stride(1)),
+                   None, num_valid=num_valid, sm_scale=sm_scale, split_blocks=split_blocks, block_ids=block_ids,
+                   rope_inv_freq=rope_inv_freq)
+
+
+def pooled_decode_attention_triton(q: torch.Tensor, device_rows: torch.Tensor, host_rows: torch.Tensor,
+                                   slots: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor,
+                                   tail_v: torch.Tensor, *, num_valid: int | torch.Tensor | None = None,
+                                   sm_scale: float | None = None, split_blocks: int | None = None,
+                                   block_ids: torch.Tensor | None = None,
+                                   rope_inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton twin of `edgekv.kernels.sparse_attention.pooled_decode_attention_torch`: each
+    selected row read where it lies, in the device pool or (on a GPU, over the bus) in the
+    pinned host pool."""
+    check_pooled_args(device_rows, host_rows, slots, codec)
+    check_triton_device(_partial_kernel, device_rows, slots)
+    check_triton_device(_partial_kernel, host_rows, host_ok=True)
+    hkv, ksel = slots.shape
+    return _attend(q, codec, tail_k, tail_v, hkv, ksel, (device_rows, 0, 0), (slots, host_rows),
+                   num_valid=num_valid, sm_scale=sm_scale, split_blocks=split_blocks, block_ids=block_ids,
+                   rope_inv_freq=rope_inv_freq)
+
+
+def _attend(q: torch.Tensor, codec: BlockCodec, tail_k: torch.Tensor, tail_v: torch.Tensor, hkv: int, ksel: int,
+            rows: tuple, pooled: tuple | None, *, num_valid, sm_scale, split_blocks, block_ids,
+            rope_inv_freq) -> torch.Tensor:
+    """Launch the two kernels. rows: (tensor, head stride, block stride) of the rows as a
+    [Hkv, ksel] grid, or of the device pool (strides unused) when pooled = (slots [Hkv,
+    ksel] int, host pool) names each block's row."""
+    if q.dim() != 2 or q.shape[0] % hkv:
+        raise ValueError(f"q must be [num_heads, {codec.head_dim}] with num_heads a multiple of {hkv}")
+    group = q.shape[0] // hkv
     rope = rope_inv_freq is not None
     if rope:
         if block_ids.dtype not in (torch.int32, torch.int64):
             block_ids = block_ids.to(torch.int64)
         rope_inv_freq = rope_inv_freq.to(device=q.device, dtype=torch.float32).contiguous()
-    check_triton_device(_partial_kernel, q, rows, tail_k, tail_v, *((block_ids, rope_inv_freq) if rope else ()))
+    check_triton_device(_partial_kernel, q, tail_k, tail_v, *((block_ids, rope_inv_freq) if rope else ()))
     q, tail_k, tail_v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, tail_k, tail_v))
-    hkv, ksel, tail_len = rows.shape[0], rows.shape[1], tail_k.shape[1]
+    tail_len = tail_k.shape[1]
     d = codec.head_dim
     layout = tile_layout(codec)
     if rope and d % (2 * layout["CPB"]):
@@ -266,18 +309,21 @@ def sparse_decode_attention_triton(q: torch.Tensor, rows: torch.Tensor, codec: B
     scale = d**-0.5 if sm_scale is None else sm_scale
     block_d = layout["BLOCK_DJ"] * layout["CPB"]
     dot = dot_dtype(q.dtype, is_interpreted(_partial_kernel))
+    row_tensor, stride_rh, stride_rb = rows
+    slots, host = pooled if pooled is not None else (lse, lse)
     _partial_kernel[(hkv, num_splits)](
-        q, rows, tail_k, tail_v, nv_tensor if per_head else lse, o_part, lse,
-        block_ids if rope else lse, rope_inv_freq if rope else lse,
+        q, row_tensor, tail_k, tail_v, nv_tensor if per_head else lse, o_part, lse,
+        block_ids if rope else lse, rope_inv_freq if rope else lse, slots, host,
         ksel, tail_len, num_row_splits, split_blocks, tail_tiles, nv_all, scale * LOG2E,
-        q.stride(0), rows.stride(0), rows.stride(1), tail_k.stride(0), tail_k.stride(1),
+        q.stride(0), stride_rh, stride_rb, tail_k.stride(0), tail_k.stride(1),
         tail_v.stride(0), tail_v.stride(1), o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), *(block_ids.stride() if rope else (0, 0)),
-        GROUP_Q=group, PER_HEAD_NV=per_head, DOT_DTYPE=dot, IEEE=dot == tl.float32,
+        *(slots.stride() if pooled is not None else (0, 0)), codec.row_bytes,
+        GROUP_Q=group, PER_HEAD_NV=per_head, SLOTS=pooled is not None, DOT_DTYPE=dot, IEEE=dot == tl.float32,
         BLOCK_H=max(16, next_pow2(group)), BLOCK_D=block_d, ROPE=rope, HALF=d // 2 if rope else 0,
-        BLOCK_HALF=max(16, next_pow2(d // 2)) if rope else 16, **layout)
+        BLOCK_HALF=max(16, next_pow2(d // 2)) if rope else 16, **layout, enable_fp_fusion=FP_FUSION)
     _merge_kernel[(hkv * group,)](
         o_part, lse, out, num_splits, o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse.stride(0), lse.stride(1), out.stride(0), GROUP_Q=group, HEAD_DIM=d,
-        BLOCK_D=max(16, next_pow2(d)), BLOCK_S=MERGE_SPLITS)
+        BLOCK_D=max(16, next_pow2(d)), BLOCK_S=MERGE_SPLITS, enable_fp_fusion=FP_FUSION)
     return out

@@ -15,7 +15,11 @@ import pytest
 import torch
 from hypothesis import settings
 
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors, in its interpreter
+
 import edgekv
+from edgekv.documents import pydoc_text
 from edgekv.loader import resolve_model
 
 # Property tests draw the same examples on every run (a suite that passes, passes again);
@@ -26,13 +30,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-5)
-
-
-def pydoc_text() -> str:
-    """A long real English text that ships with every Python."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,9 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(tiny):
     b = tiny.generate("Tell me a story.", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     c = tiny.generate("Tell me a story.", max_new_tokens=16, temperature=1.0, top_p=0.9, seed=8, ignore_eos=True)
     g = tiny.generate("Tell me a story.", max_new_tokens=16, ignore_eos=True)
-    assert a.token_ids == b.token_ids
-    assert a.token_ids != c.token_ids or a.token_ids != g.token_ids
+    assert a.token_ids == b.token_ids  # the same seed, the same tokens
+    assert a.token_ids != c.token_ids  # another seed, other tokens
+    assert a.token_ids != g.token_ids  # sampling is not greedy decoding
 
 
 def test_on_token_streams_the_text_and_false_cancels(tiny):
@@ -125,7 +126,18 @@ def test_update_policy_validates_and_drops_kv_when_the_layout_changes(tiny):
     tiny.update_policy(prefill_chunk=32)
     assert tiny.cached_ids and tiny.policy.prefill_chunk == 32
     tiny.update_policy(block_size=8)
-    assert not tiny.cached_ids and tiny.kv.block_size == 8
+    assert not tiny.cached_ids and tiny.kv.layout.block_size == 8
+
+
+def test_update_policy_threads_takes_effect(tiny):
+    before = torch.get_num_threads()
+    try:
+        tiny.update_policy(threads=1)
+        assert torch.get_num_threads() == 1 and tiny.policy.threads == 1
+        tiny.update_policy(threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_paged_cache_reads_the_same_tokens_through_an_out_of_order_block_table():

@@ -35,11 +35,12 @@ from edgekv.errors import EdgekvError
 from edgekv.kernels import _backend
 from edgekv.kernels.block_score import (adaptive_top_blocks, block_mass, bound_scores, decode_keys, key_copy,
                                         key_copy_bytes, score_blocks)
-from edgekv.kernels.compress import compress_blocks, round_down_f16, round_up_f16
+from edgekv.kernels.compress import compress_blocks
 from edgekv.kernels.gather import gather_rows
 from edgekv.kernels.rope import block_token_positions, rotate_keys
 from edgekv.kernels.sparse_attention import sparse_decode_attention
-from edgekv.quant import BlockCodec
+from edgekv.quant import BlockCodec, round_down_f16, round_up_f16
+from edgekv.selection import SCORERS
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -241,16 +242,16 @@ def test_adaptive_budgets_keep_the_sinks_and_the_heaviest_blocks_of_any_head():
 
 @pytest.mark.parametrize("combine", ["max", "sum"])
 def test_bound_twin_bounds_the_exact_block_score(combine):
-    """With compress's kmin/kmax, the Quest bound is >= the exact block max of the original keys."""
+    """With the minmax scorer's kmin/kmax, the Quest bound is >= the exact block max of the original keys."""
     hkv, nb, group, b, d = 2, 13, 4, 16, 64
     codec = BlockCodec(4, b, d)
     _, k, v = make_rows(codec, hkv, nb, 3)
-    summary = compress_blocks(k, v, codec, backend="torch")
+    summary = SCORERS["minmax"].summarize(k, codec, "torch")  # [kmin | kmax], rounded outward
     q = make_q(hkv * group, d, F32, 4)
     s = torch.einsum("hgd,htd->hgt", q.view(hkv, group, d), k)  # [hkv, group, nb*B]
     s = s.amax(1) if combine == "max" else s.sum(1)
     exact = s.view(hkv, nb, b).amax(-1)
-    bound = bound_scores(q, summary.kmin, summary.kmax, combine=combine, backend="torch")
+    bound = bound_scores(q, summary[..., :d], summary[..., d:], combine=combine, backend="torch")
     assert (bound >= exact - 1e-4 * exact.abs().clamp(min=1)).all()
 
 
@@ -352,16 +353,20 @@ def test_attention_rope_argument_errors(backend):
             attend(block_ids=ids, rope_inv_freq=bad_freq)
 
 
-def test_compress_twin_is_the_codec_and_bounds_the_keys():
+def test_compress_twin_is_the_codec():
     codec = BlockCodec(4, 16, 64)
     hkv, n = 3, 5
     _, k, v = make_rows(codec, hkv, n, 12)
-    out = compress_blocks(k, v, codec, backend="torch")
-    assert torch.equal(out.rows.view(hkv * n, -1), codec.encode(k.reshape(hkv * n, 16, 64), v.reshape(hkv * n, 16, 64)))
-    kb = k.view(hkv, n, 16, 64)
-    assert (out.kmin.float()[:, :, None] <= kb).all() and (kb <= out.kmax.float()[:, :, None]).all()
-    k_zero = out.rows[..., slice(*codec.offsets["k_zero"])].contiguous().view(torch.float16)
-    assert torch.equal(out.kmin, k_zero)
+    rows = compress_blocks(k, v, codec, backend="torch")
+    assert torch.equal(rows.view(hkv * n, -1), codec.encode(k.reshape(hkv * n, 16, 64), v.reshape(hkv * n, 16, 64)))
+
+
+def test_a_key_copy_is_the_key_part_of_the_rows():
+    for bits in (2, 4, 8, 16):
+        codec = BlockCodec(bits, 16, 64)
+        _, k, v = make_rows(codec, 2, 3, 13)
+        rows = codec.encode(k.reshape(6, 16, 64), v.reshape(6, 16, 64))
+        assert torch.equal(codec.encode_keys(k.reshape(6, 16, 64)), key_copy(rows, codec))
 
 
 def test_fp16_rounding_helpers():
@@ -370,6 +375,7 @@ def test_fp16_rounding_helpers():
     assert (down.float() <= x).all() and (up.float() >= x).all()
     exact = x.half().float() == x
     assert torch.equal(down[exact], x.half()[exact]) and torch.equal(up[exact], x.half()[exact])
+    assert (down.float() < x)[~exact].all() and (up.float() > x)[~exact].all()
 
 
 # ---- Triton vs twin: block scores -------------------------------------------------------------
@@ -616,17 +622,15 @@ def test_compress_triton_is_byte_identical(n, block_size, d, bits, dtype, kind):
     k, v = k.to(DEVICE, dtype), v.to(DEVICE, dtype)
     k, v = k[:, : n * block_size], v[:, 1: n * block_size + 1]  # strided views, like the engine's tail
     want, got = both(compress_blocks, k, v, codec)
-    for name, a, b in zip(want._fields, want, got):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert torch.equal(a, b), f"{name}: {(a != b).sum().item()} bytes differ"
+    assert want.shape == got.shape and want.dtype == got.dtype
+    assert torch.equal(want, got), f"{(want != got).sum().item()} bytes differ"
 
 
 @needs_triton
 def test_compress_triton_no_blocks():
     codec = BlockCodec(4, 16, 64)
     k = torch.zeros(2, 0, 64, device=DEVICE)
-    out = compress_blocks(k, k, codec, backend="triton")
-    assert out.rows.shape == (2, 0, codec.row_bytes) and out.kmin.shape == (2, 0, 64)
+    assert compress_blocks(k, k, codec, backend="triton").shape == (2, 0, codec.row_bytes)
 
 
 # ---- Triton vs twin: gather ------------------------------------------------------------------------
@@ -706,8 +710,7 @@ def test_compress_large(bits, dtype):
     codec = BlockCodec(bits, 32, 128)
     k, v = adversarial_kv("outliers", 8, 311 * 32, 128, 0)
     want, got = both(compress_blocks, k.to(DEVICE, dtype), v.to(DEVICE, dtype), codec)
-    for a, b in zip(want, got):
-        assert torch.equal(a, b)
+    assert torch.equal(want, got)
 
 
 @needs_cuda

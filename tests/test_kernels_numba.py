@@ -146,21 +146,20 @@ def test_kernels_split_work_over_torchs_thread_count_with_the_same_results(threa
     assert (got - want).abs().max().item() <= ATTN_ATOL[torch.float32]
 
 
-# ---- the compiled decode step a KV cache builds once (`compiled_decode`) ----------------------
+# ---- the compiled decode step a CPU backend builds once ----------------------------------------
 
 
 @pytest.mark.parametrize("num_blocks,group,k,sink_blocks", [(13, 3, 4, 1), (40, 1, 9, 2), (77, 4, 76, 1)])
 def test_compiled_selection_picks_the_blocks_of_top_blocks_over_score_blocks(num_blocks, group, k, sink_blocks):
-    from edgekv.kernels import compiled_decode, top_blocks
+    from edgekv.kernels import top_blocks
+    from edgekv.kernels.block_score_numba import NumbaBlockSelector
 
     codec = BlockCodec(4, 16, 64)
     hkv = 3
     rows, _, _ = cpu(*make_rows(codec, hkv, num_blocks + 5, 40 + k))
     summaries = key_copy(rows, codec)  # [Hkv, capacity, W]: only the first num_blocks are live
     q = make_q(hkv * group, 64, torch.float32, 41 + k).cpu()
-    select = compiled_decode(codec, codec, torch.ones(32), num_blocks + 5, backend="numba",
-                             device=torch.device("cpu")).select
-    got = select(q, summaries, num_blocks, k, sink_blocks)
+    got = NumbaBlockSelector(codec)(q, summaries, num_blocks, k, sink_blocks)
     want = top_blocks(score_blocks(q, summaries[:, :num_blocks], codec, backend="numba"), k, sink_blocks,
                       backend="numba")
     assert got.dtype == torch.int64 and torch.equal(got, want)
@@ -206,17 +205,16 @@ def test_adaptive_budgets_numba_picks_what_the_twin_picks(heads, blocks, k, sink
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_compiled_mass_selection_picks_what_the_per_call_functions_pick(adaptive):
-    from edgekv.kernels import adaptive_top_blocks, block_mass, compiled_decode, top_blocks
+    from edgekv.kernels import adaptive_top_blocks, block_mass, top_blocks
+    from edgekv.kernels.block_score_numba import NumbaMassSelector
 
     codec = BlockCodec(4, 16, 64)
     rows, _, _ = cpu(*make_rows(codec, 3, 45, 60))
     summaries = key_copy(rows, codec)  # [Hkv, capacity, W]: the first 40 are live
     q = make_q(9, 64, torch.float32, 61).cpu() * 4
-    tail = torch.randn(3, 50, 64)  # a buffer: its first 37 tokens are the tail
-    select = compiled_decode(codec, codec, torch.ones(32), 45, backend="numba", device=torch.device("cpu"),
-                             by_mass=True).select
-    got = select(q, summaries, 40, 7, 1, tail, 37, adaptive)
-    mass = block_mass(q, summaries[:, :40], codec, tail[:, :37], backend="numba")
+    tail = torch.randn(3, 50, 64)  # a buffer: tokens 5 .. 41 are the tail (a sink lies before it)
+    got = NumbaMassSelector(codec)(q, summaries, 40, 7, 1, tail, 37, adaptive, tail_start=5)
+    mass = block_mass(q, summaries[:, :40], codec, tail[:, 5:42], backend="numba")
     want = (adaptive_top_blocks if adaptive else top_blocks)(mass, 7, 1, backend="numba")
     assert torch.equal(got, want)
 
@@ -224,7 +222,7 @@ def test_compiled_mass_selection_picks_what_the_per_call_functions_pick(adaptive
 @pytest.mark.parametrize("ksel,sink,tail,group,dtype", [(7, 16, 37, 3, torch.float32), (1, 0, 5, 1, torch.float32),
                                                         (5, 16, 0, 4, torch.bfloat16)], ids=case_id)
 def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, sink, tail, group, dtype):
-    from edgekv.kernels import compiled_decode
+    from edgekv.kernels.sparse_attention_numba import NumbaSparseAttention
 
     codec = BlockCodec(4, 16, 64)
     hkv, d = 3, 64
@@ -234,7 +232,7 @@ def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, si
     q = make_q(hkv * group, d, dtype, 53).cpu()
     ids = make_block_ids(hkv, ksel + 1, 54, top=200).cpu()[:, 1:]  # a strided view, as the cache passes it
     inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
-    attend = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu")).attend
+    attend = NumbaSparseAttention(codec, inv, 256)
     pool = torch.randint(0, 256, (hkv * ksel + 9, codec.row_bytes), dtype=torch.uint8)  # a row pool, as a device cache
     slots = torch.randperm(pool.shape[0])[:hkv * ksel].view(hkv, ksel)  # where each selected block lies in it
     pool[slots.reshape(-1)] = rows.reshape(-1, codec.row_bytes)
@@ -246,7 +244,7 @@ def test_compiled_attention_equals_the_twin_over_sink_and_tail_together(ksel, si
 
 
 def test_compiled_attention_with_a_value_basis_returns_outputs_in_the_model_basis():
-    from edgekv.kernels import compiled_decode
+    from edgekv.kernels.sparse_attention_numba import NumbaSparseAttention
     from edgekv.rotation import rotate, value_rotation
 
     codec, hkv, ksel, d = BlockCodec(4, 16, 64), 3, 4, 64
@@ -257,9 +255,8 @@ def test_compiled_attention_with_a_value_basis_returns_outputs_in_the_model_basi
     ids = make_block_ids(hkv, ksel, 64, top=100).cpu()
     inv = 1.0 / 10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
     basis = value_rotation(d, 4, torch.device("cpu"))
-    plain = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu")).attend
-    turned = compiled_decode(codec, None, inv, 256, backend="numba", device=torch.device("cpu"),
-                             value_basis=basis).attend
+    plain = NumbaSparseAttention(codec, inv, 256)
+    turned = NumbaSparseAttention(codec, inv, 256, basis)
     slots = torch.arange(hkv * ksel).view(hkv, ksel)
     pool = rows.reshape(-1, codec.row_bytes)
     stored_basis = plain(q, pool, slots, ids, sink_k, sink_v, tail_k, tail_v)
@@ -268,15 +265,16 @@ def test_compiled_attention_with_a_value_basis_returns_outputs_in_the_model_basi
     assert torch.allclose(got, rotate(stored_basis, basis, inverse=True), atol=1e-5)
 
 
-def test_compiled_decode_only_where_numba_runs_the_layout():
-    from edgekv.kernels import compiled_decode
+@pytest.mark.parametrize("bits,scorer,compiled_select,compiled_attend", [
+    (4, "keys4", True, True), (4, "mass", True, True), (4, "minmax", False, True), (16, "keys4", True, False)])
+def test_the_cpu_backend_compiles_what_numba_runs_and_leaves_the_rest_to_the_reference(
+        tmp_path, bits, scorer, compiled_select, compiled_attend):
+    from edgekv.tiered_cache import TieredKVCache
 
-    cpu_device, inv = torch.device("cpu"), torch.ones(32)
-    c4, c16 = BlockCodec(4, 16, 64), BlockCodec(16, 16, 64)
-    both = compiled_decode(c4, c4, inv, 8, backend="auto", device=cpu_device)
-    assert both.select is not None and both.attend is not None
-    twins = compiled_decode(c4, c4, inv, 8, backend="torch", device=cpu_device)
-    assert twins.select is None and twins.attend is None  # the reference path stays the reference
-    other_scorer = compiled_decode(c4, None, inv, 8, backend="numba", device=cpu_device)
-    assert other_scorer.select is None and other_scorer.attend is not None
-    assert compiled_decode(c16, c4, inv, 8, backend="numba", device=cpu_device).attend is None  # fp16 rows
+    cache = TieredKVCache(num_layers=1, num_kv_heads=2, head_dim=64, max_context=256, block_size=16, kv_bits=bits,
+                          recent_window=16, device_cache_bytes=1 << 20, ram_bytes=1 << 20, disk_dir=None,
+                          disk_bytes=0, dtype=torch.float32, device=torch.device("cpu"),
+                          rope_inv_freq=torch.ones(32), scorer=scorer, backend="numba")
+    assert cache.backend.name == "numba"
+    assert (cache.backend.selector is not None) == compiled_select  # minmax summaries are not key copies
+    assert (cache.backend.attention is not None) == compiled_attend  # fp16 rows: the twin

@@ -175,13 +175,13 @@ def test_code_counts_that_do_not_fill_whole_bytes_still_round_trip(bits, head_di
 
 
 def test_fp16_stepping_used_for_directed_rounding_matches_nextafter_everywhere():
-    from edgekv.quant import _f16_step
+    from edgekv.quant import f16_step
 
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
     every = every[torch.isfinite(every)]
     for direction, target in ((+1, torch.inf), (-1, -torch.inf)):
         expected = torch.nextafter(every, torch.full_like(every, target))
-        assert torch.equal(_f16_step(every, direction).float(), expected.float())
+        assert torch.equal(f16_step(every, direction).float(), expected.float())
 
 
 # ---- byte layout --------------------------------------------------------------------------

@@ -34,42 +34,45 @@ def small_cache(tmp_path, **overrides) -> TieredKVCache:
     return TieredKVCache(**args)
 
 
-def feed(cache: TieredKVCache, chunks: list[int], seed: int = 0) -> tuple[list, list]:
-    """Push random K/V through attend/commit in chunks; returns every layer's full K and V."""
+def feed(cache: TieredKVCache, chunks: list[int], seed: int = 0) -> tuple[list, list, list]:
+    """Push random K/V through attend/commit in chunks, as the layer loop does (keys rotated
+    to their positions, and before rotation); returns every layer's full K, pre-RoPE K and V."""
     g = torch.Generator().manual_seed(seed)
-    ks = [torch.empty(2, 0, 16) for _ in range(2)]
-    vs = [torch.empty(2, 0, 16) for _ in range(2)]
+    ks, pres, vs = ([torch.empty(2, 0, 16) for _ in range(2)] for _ in range(3))
     for t in chunks:
+        positions = torch.arange(cache.length, cache.length + t)
         for layer in range(2):
-            k, v = torch.randn(2, t, 16, generator=g), torch.randn(2, t, 16, generator=g)
-            cache.attend(layer, torch.randn(4, t, 16, generator=g), k, v)
-            ks[layer], vs[layer] = torch.cat((ks[layer], k), 1), torch.cat((vs[layer], v), 1)
+            k_pre, v = torch.randn(2, t, 16, generator=g), torch.randn(2, t, 16, generator=g)
+            k = rotate_keys(k_pre, positions, INV_FREQ)
+            cache.attend(layer, torch.randn(4, t, 16, generator=g), k, v, k_pre)
+            ks[layer], pres[layer] = torch.cat((ks[layer], k), 1), torch.cat((pres[layer], k_pre), 1)
+            vs[layer] = torch.cat((vs[layer], v), 1)
         cache.commit(t)
-    return ks, vs
+    return ks, pres, vs
 
 
-def expected_keys(codec: BlockCodec, keys: torch.Tensor, values: torch.Tensor, num_blocks: int):
-    """Compressed part = keys rotated back to position 0, codec round trip, rotated again; the rest exact."""
+def expected_keys(codec: BlockCodec, keys: torch.Tensor, keys_pre: torch.Tensor, values: torch.Tensor,
+                  num_blocks: int):
+    """Compressed part = the codec round trip of the keys before RoPE, rotated to their
+    positions; block 0 (the sink) and the tail exact."""
     n = num_blocks * codec.block_size
     H, _, D = keys.shape
-    pos = torch.arange(n)
-    pre = rotate_keys(keys[:, :n], pos, INV_FREQ, inverse=True)
-    blocks = codec.decode(codec.encode(pre.reshape(-1, codec.block_size, D),
+    blocks = codec.decode(codec.encode(keys_pre[:, :n].reshape(-1, codec.block_size, D),
                                        values[:, :n].reshape(-1, codec.block_size, D)))[0]
-    out = torch.cat((rotate_keys(blocks.reshape(H, n, D), pos, INV_FREQ), keys[:, n:]), dim=1)
+    out = torch.cat((rotate_keys(blocks.reshape(H, n, D), torch.arange(n), INV_FREQ), keys[:, n:]), dim=1)
     out[:, :codec.block_size] = keys[:, :codec.block_size]  # block 0: the exact sink
     return out
 
 
 def test_old_blocks_are_compressed_and_the_recent_window_stays_exact(tmp_path):
     cache = small_cache(tmp_path)
-    ks, vs = feed(cache, [3, 7, 1, 1, 9, 2])  # 23 tokens
+    ks, pres, vs = feed(cache, [3, 7, 1, 1, 9, 2])  # 23 tokens
     assert cache.length == 23
     assert cache.num_blocks == (23 - 5) // 4  # whole blocks older than the window
     for layer in range(2):
         keys, stored = cache.layer_keys_values(layer)
-        values = rotate(stored, cache.value_basis, inverse=True)
-        assert torch.allclose(keys, expected_keys(cache.codec, ks[layer], vs[layer], cache.num_blocks),
+        values = rotate(stored, cache.layout.value_basis, inverse=True)
+        assert torch.allclose(keys, expected_keys(cache.codec, ks[layer], pres[layer], vs[layer], cache.num_blocks),
                               atol=1e-5)
         n = cache.num_blocks * 4
         assert torch.equal(keys[:, n:], ks[layer][:, n:]) and torch.allclose(values[:, n:], vs[layer][:, n:], atol=1e-6)
@@ -84,7 +87,7 @@ def test_new_blocks_go_to_the_device_cache_when_it_has_room_and_evict_nothing(tm
     feed(cache, [100])  # one prefill chunk: 23 blocks per layer and KV head, 92 rows, none read yet
     assert store.device_room() == rows_per_layer - 92
     store.reset_counters()
-    store.get(torch.cat([cache.row_ids(layer) for layer in range(2)]))
+    store.get(torch.cat([cache.layout.row_ids(layer, torch.arange(cache.num_blocks)) for layer in range(2)]))
     assert store.stats()["device_misses"] == 0 and store.stats()["device_hits"] == 92
     feed(cache, [40])  # 40 more rows than the 36 that fit: prefetching them would evict
     assert store.device_room() == rows_per_layer - 92
@@ -92,14 +95,15 @@ def test_new_blocks_go_to_the_device_cache_when_it_has_room_and_evict_nothing(tm
 
 def test_the_exact_tail_grows_in_place_and_survives_commits_and_truncation(tmp_path):
     cache = small_cache(tmp_path)
-    ks, _ = feed(cache, [6] + [1] * 9)  # a prefill chunk, then decode steps across a block boundary
+    ks, _, _ = feed(cache, [6] + [1] * 9)  # a prefill chunk, then decode steps across a block boundary
     n = cache.num_blocks * 4
-    assert torch.equal(cache.tail_k[0], ks[0][:, n:])
-    buffer = cache._tail_buffers[0][0]
+    assert torch.equal(cache.exact.tail(0)[0], ks[0][:, n:])
+    assert torch.equal(cache.exact.sink(0)[0], ks[0][:, :4])  # block 0 stays exact, in front of the tail
+    buffer = cache.exact.buffers[0][0]
     feed(cache, [1], seed=1)
-    assert cache.tail_k[0].data_ptr() == buffer.data_ptr()  # the step wrote its token, nothing was copied
+    assert cache.exact.buffers[0][0].data_ptr() == buffer.data_ptr()  # the step wrote its token, nothing was copied
     kept = cache.truncate(cache.length - 2)
-    more, _ = feed(cache, [1, 1], seed=2)
+    more, _, _ = feed(cache, [1, 1], seed=2)
     keys, _ = cache.layer_keys_values(0)
     assert cache.length == kept + 2 and torch.equal(keys[:, -2:], more[0])
     assert torch.equal(keys[:, n:kept], ks[0][:, n:kept])  # the tokens before the cut are intact
@@ -107,16 +111,16 @@ def test_the_exact_tail_grows_in_place_and_survives_commits_and_truncation(tmp_p
 
 def test_values_of_compressed_blocks_are_the_codec_round_trip_in_the_rotated_basis(tmp_path):
     cache = small_cache(tmp_path)
-    ks, vs = feed(cache, [20])
-    codec, n, r = cache.codec, cache.num_blocks * 4, cache.value_basis
+    _, pres, vs = feed(cache, [20])
+    codec, n, r = cache.codec, cache.num_blocks * 4, cache.layout.value_basis
     _, values = cache.layer_keys_values(1)
-    _, v_hat = codec.decode(codec.encode(ks[1][:, :n].reshape(-1, 4, 16), rotate(vs[1][:, :n], r).reshape(-1, 4, 16)))
+    _, v_hat = codec.decode(codec.encode(pres[1][:, :n].reshape(-1, 4, 16), rotate(vs[1][:, :n], r).reshape(-1, 4, 16)))
     assert torch.allclose(values[:, 4:n], v_hat.reshape(2, n, 16)[:, 4:], atol=1e-6)
 
 
 def test_values_are_rotated_below_16_bits_only(tmp_path):
-    assert small_cache(tmp_path / "a", kv_bits=16).value_basis is None
-    r = small_cache(tmp_path / "b").value_basis
+    assert small_cache(tmp_path / "a", kv_bits=16).layout.value_basis is None
+    r = small_cache(tmp_path / "b").layout.value_basis
     assert torch.allclose(r @ r.T, torch.eye(16), atol=1e-6)
 
 
@@ -172,13 +176,14 @@ def test_ram_below_the_kv_size_spills_to_disk_and_gives_identical_tokens(tiny_fo
     in_ram = Engine(resolve_model(tiny_folder), Policy(block_size=16, ram_bytes="64MiB", disk_dir=str(tmp_path)))
     a = in_ram.generate(prompt, max_new_tokens=24, ignore_eos=True)
     row_bytes = in_ram.kv.codec.row_bytes
-    layer_rows = in_ram.kv.num_kv_heads * in_ram.kv.max_blocks
-    spilling = Engine(resolve_model(tiny_folder), Policy(block_size=16, ram_bytes=layer_rows * row_bytes,
-                                                         disk_dir=str(tmp_path)))
+    layer_rows = in_ram.kv.layout.num_kv_heads * in_ram.kv.layout.max_blocks
+    one_layer = layer_rows * row_bytes  # the least RAM and device cache accepted: decode reads the disk
+    spilling = Engine(resolve_model(tiny_folder), Policy(block_size=16, ram_bytes=one_layer,
+                                                         device_cache_bytes=one_layer, disk_dir=str(tmp_path)))
     b = spilling.generate(prompt, max_new_tokens=24, ignore_eos=True)
     assert a.stats["kv_bytes"]["disk"] == 0
     assert b.stats["kv_bytes"]["disk"] > 0 and b.stats["kv_bytes"]["ram"] <= layer_rows * row_bytes
-    assert b.stats["kv_read_bytes_per_token"]["disk"] >= 0
+    assert b.stats["kv_read_bytes_per_token"]["disk"] > 0  # decode steps read rows back from the disk
     assert a.token_ids == b.token_ids
     spilling.close()
     in_ram.close()

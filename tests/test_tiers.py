@@ -340,19 +340,100 @@ def test_prefetch_then_get_reads_each_row_once_and_counts_hits(tmp_path):
         assert store.stats()["prefetch_hits"] == 8  # a hit counts once per prefetched row
 
 
-def test_on_the_cpu_a_prefetch_of_ram_rows_is_done_when_it_returns(tmp_path):
+def test_a_prefetch_is_done_when_it_returns_and_takes_room_in_the_device_cache(tmp_path):
     with make_store(tmp_path, ram_rows=8, device_rows=6) as store:
         ids = ids_of(range(10))
         store.put(ids, rows_for(ids))  # 0, 1 spill to disk; 2..9 in RAM
         assert store.device_room() == 6
-        store.prefetch(ids[4:8])  # RAM only: copied before prefetch returns, no thread
-        assert store._inflight == {} and store.stats()["prefetched_rows"] == 4
-        assert store.device_room() == 2
-        store.prefetch(ids[0:2])  # disk rows: read in the background, counted as taken room
+        assert store.prefetch(ids[4:8]) == 4  # copied before prefetch returns: the store runs no thread
+        assert store.stats()["prefetched_rows"] == 4 and store.device_room() == 2
+        assert store.prefetch(ids[0:2]) == 2  # disk rows the same way
+        assert store.prefetch(ids[0:2]) == 0  # nothing twice
         assert store.device_room() == 0
         assert torch.equal(store.get(ids[0:8]), rows_for(ids[0:8]))
         stats = store.stats()
         assert stats["prefetch_hits"] == 6 and stats["device_misses"] == 2
+
+
+# ---- reserve / fill / publish: a backend's own copies ----------------------------------------
+
+def test_reserved_rows_are_read_only_once_published_and_get_waits_for_them(tmp_path):
+    with make_store(tmp_path, ram_rows=4, device_rows=4) as store:
+        ids = ids_of(range(6))
+        store.put(ids, rows_for(ids))  # 0, 1 on disk
+        res = store.reserve(ids_of([0, 3]))
+        assert sorted(res.ids) == [0, 3] and torch.equal(res.rows, rows_for(ids_of(res.ids)))
+        assert store.reserve(ids_of([0, 3])) is None  # arriving already
+        assert store.device_room() == 2
+        with store.cached_rows(ids_of([3])) as cached:
+            assert cached is None  # not readable before publish
+        got = []
+        reader = threading.Thread(target=lambda: got.append(store.get(ids_of([3, 5]))))
+        reader.start()
+        reader.join(timeout=0.2)
+        assert reader.is_alive()  # get waits for the arriving row
+        store.fill(res)
+        store.publish(res)
+        reader.join(timeout=5)
+        assert torch.equal(got[0], rows_for(ids_of([3, 5])))
+        stats = store.stats()
+        assert stats["prefetched_rows"] == 2 and stats["prefetch_hits"] == 1
+
+
+def test_an_abandoned_reservation_gives_its_slots_back(tmp_path):
+    with make_store(tmp_path, ram_rows=8, device_rows=3) as store:
+        ids = ids_of(range(5))
+        store.put(ids, rows_for(ids))
+        res = store.reserve(ids)  # more than the cache holds: the last three
+        assert res.ids == [2, 3, 4] and store.device_room() == 0
+        store.abandon(res)
+        assert store.device_room() == 3 and store.resident_bytes()["device"] == 0
+        assert torch.equal(store.get(ids), rows_for(ids))
+
+
+def test_device_tables_say_where_each_row_is(tmp_path):
+    with TierStore(ROW, device_cache_bytes=3 * ROW, ram_bytes=4 * ROW, disk_dir=tmp_path, disk_bytes=100 * ROW,
+                   id_space=16) as store:
+        ids = ids_of(range(6))
+        store.put(ids, rows_for(ids))  # 0, 1 spill to disk
+
+        def check() -> None:  # the tables agree with the store's host-side placement
+            for i in range(16):
+                slot = store._dev.get(i)
+                assert int(store.slot_table[i]) == (-1 if slot is None else slot), i
+                ram = store._ram.get(i)
+                assert int(store.ram_table[i]) == (-1 if ram is None else ram), i
+                if slot is not None:
+                    assert torch.equal(store.device_rows[slot], rows_for(ids_of([i]))[0])
+                if ram is not None:
+                    assert torch.equal(store.ram_rows[ram], rows_for(ids_of([i]))[0])
+
+        check()
+        assert (store.ram_table[:2] == -1).all() and store.has_disk_rows
+        store.get(ids_of([0, 4, 5]))
+        check()
+        store.get(ids_of([1, 2]))  # evicts two of the three cached copies
+        check()
+        res = store.reserve(ids_of([3]))  # evicts one more; the new row reads -1 until published
+        assert int(store.slot_table[3]) == -1
+        store.fill(res)
+        store.publish(res)
+        check()
+        store.free(ids_of([2, 3]))
+        check()
+        more = ids_of([8, 9, 10])
+        store.put(more, rows_for(more))  # spills RAM rows to disk
+        check()
+
+
+def test_touch_makes_rows_read_in_place_the_most_recent(tmp_path):
+    with make_store(tmp_path, ram_rows=8, device_rows=2) as store:
+        ids = ids_of(range(4))
+        store.put(ids, rows_for(ids))
+        store.get(ids_of([0, 1]))  # cached; 0 is the older
+        store.touch(ids_of([0, 99]))  # a reader used row 0 in place (99: no such row, skipped)
+        store.get(ids_of([2]))  # evicts the least recently used copy: 1
+        assert 0 in store._dev and 1 not in store._dev
 
 
 def test_cached_rows_are_read_in_place_like_get_reads_them(tmp_path):
@@ -427,7 +508,8 @@ def test_stats_count_the_bytes_each_tier_served(tmp_path):
         assert stats["bytes_read"] == {"device": 2 * ROW, "ram": 2 * ROW, "disk": 4 * ROW}
         assert (stats["device_hits"], stats["device_misses"]) == (2, 6)
         assert set(stats["seconds"]) == set(stats["gbps"])
-        assert all(v >= 0 for v in stats["gbps"].values())
+        assert all(stats["gbps"][tier] > 0 for tier in ("device", "ram", "disk"))  # each served bytes
+        assert stats["gbps"]["to_device"] == 0  # nothing crossed a bus
         store.reset_counters()
         assert store.stats()["bytes_read"] == {"device": 0, "ram": 0, "disk": 0}
 
@@ -435,7 +517,7 @@ def test_stats_count_the_bytes_each_tier_served(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_store_keeps_the_cache_on_the_gpu_and_ram_pinned(tmp_path):
     with TierStore(ROW, device_cache_bytes=8 * ROW, ram_bytes=16 * ROW, disk_dir=tmp_path,
-                   disk_bytes=100 * ROW, device="cuda") as store:
+                   disk_bytes=100 * ROW, device="cuda", pin_ram=True, id_space=64) as store:
         ids = ids_of(range(60))
         store.put(ids, rows_for(ids).cuda())
         assert store._ram_pool.rows.is_pinned()

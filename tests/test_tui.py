@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -16,8 +17,8 @@ from edgekv.errors import EdgekvError
 from edgekv.tui import commands, figures
 from edgekv.tui.app import ChatApp
 from edgekv.tui.conversation import Conversation, Document, read_document
-from edgekv.tui.fake import DEFAULT_REPLY, FakeEngine
-from edgekv.tui.testing import answers, notes, settle, submit, wait_for
+from tui_fake import DEFAULT_REPLY, FakeEngine
+from tui_pilot import answers, notes, settle, submit, wait_for
 from edgekv.tui.widgets import StatsPanel, UserBox, bar_text
 
 SIZE = (110, 36)
@@ -197,7 +198,7 @@ def test_tui_import_is_light_and_starts_fast() -> None:
 import asyncio, json, sys, time
 t0 = time.perf_counter()
 from edgekv.tui.app import ChatApp
-from edgekv.tui.fake import FakeEngine
+from tui_fake import FakeEngine
 from textual.widgets import Input
 imported = time.perf_counter() - t0
 heavy = sorted(m for m in ("torch", "transformers", "edgekv.engine") if m in sys.modules)
@@ -210,8 +211,10 @@ async def main():
 focused = asyncio.run(main())
 print(json.dumps({"import_s": imported, "focused_s": focused, "heavy": heavy}))
 """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(Path(__file__).parent),
+                                                                     os.environ.get("PYTHONPATH"))))}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, check=True)
+                         timeout=60, check=True, env=env)
     figures_ = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"\ncold start: import {figures_['import_s'] * 1000:.0f} ms, "
           f"input focused after {figures_['focused_s'] * 1000:.0f} ms")

@@ -14,8 +14,8 @@ from textual.pilot import Pilot
 from textual.widgets import Input
 
 from edgekv.tui.app import ChatApp
-from edgekv.tui.fake import FakeEngine
-from edgekv.tui.testing import settle, submit
+from tui_fake import FakeEngine
+from tui_pilot import settle, submit
 
 SIZE = (110, 34)
 

@@ -1,7 +1,7 @@
 """The `edgekv chat` terminal app (textual).
 
 Entry point: `edgekv.tui.app.run_chat(model=..., doc=..., policy={...})`; tests build
-`edgekv.tui.app.ChatApp(engine_factory)` with `edgekv.tui.fake.FakeEngine`.
+`edgekv.tui.app.ChatApp(engine_factory)` with a scripted engine (tests/tui_fake.py).
 
     app.py               ChatApp: layout, state machine over typed messages, run_chat
     command_handlers.py  the /command handlers (a mixin of ChatApp)
@@ -12,7 +12,6 @@ Entry point: `edgekv.tui.app.run_chat(model=..., doc=..., policy={...})`; tests 
     conversation.py      turns, the attached document, transcripts
     widgets.py           conversation column, answer boxes, figures panel, meters
     figures.py           bytes / rates / seconds as short text
-    fake.py, testing.py  a scripted engine and Pilot helpers for tests and demos
     chat.tcss            the styling
 
 Importing this package stays light: torch and the engine load on a worker thread.

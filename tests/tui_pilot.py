@@ -1,4 +1,4 @@
-"""Helpers to drive the chat app headless (textual's Pilot), for tests and demos."""
+"""Helpers to drive the chat app headless (textual's Pilot), for its tests."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 from textual.pilot import Pilot
 from textual.widgets import Input
 
-from .app import ChatApp
-from .widgets import AnswerBox, NoteBox
+from edgekv.tui.app import ChatApp
+from edgekv.tui.widgets import AnswerBox, NoteBox
 
 
 async def settle(pilot: Pilot, timeout_s: float = 10.0) -> None:

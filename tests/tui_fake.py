@@ -1,4 +1,4 @@
-"""A scripted stand-in for the edgekv engine, for the chat app's tests and demos.
+"""A scripted stand-in for the edgekv engine, for the chat app's tests.
 
 It honours the engine contract the app codes against (generate / count_tokens /
 update_policy / reset, streaming through `on_token`, prefill progress through
