@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from . import bench_llamacpp as llamacpp
+from .bench_baseline import baseline_runner
 from .errors import EdgekvError
 
 
@@ -125,29 +127,49 @@ TURN_TOKENS = 2  # decode tokens an engine runs before the next one takes its tu
 
 
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
-                    threads: int | None, budgets: list[int | str] = ()) -> list[dict]:
+                    threads: int | None, budgets: list[int | str] = (), baseline: str | None = None) -> list[dict]:
     """Time transformers and each edgekv configuration at every context, taking turns
     (see the module doc); print ratios to transformers, and of each sparse budget to
-    edgekv dense."""
+    edgekv dense. baseline: a git ref whose edgekv also runs each configuration, in a
+    worker process, in the same turns (`edgekv.bench_baseline`)."""
     from transformers import AutoModelForCausalLM
 
     from .engine import load
 
     if threads:
         torch.set_num_threads(threads)
-    engines = {name: load(model, progress=False, **policy) for name, policy in engine_configs(budgets).items()}
+    configs = engine_configs(budgets)
+    engines = {name: load(model, progress=False, **policy) for name, policy in configs.items()}
+    worker = None
+    if baseline:
+        from .bench_baseline import BaselineWorker
+
+        worker = BaselineWorker(baseline, threads=threads or torch.get_num_threads())
+        for name, policy in configs.items():
+            worker.ask(load=name, policy=policy, model=model)
     ceiling = load(model, progress=False, **ENGINES["edgekv dense"])  # dense over a short context, in turn with the rest
     first = next(iter(engines.values()))
     if max(contexts) + decode_tokens > first.max_context:
         raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
     reference = AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
+    llm = None
+    if llamacpp.available() and (gguf := llamacpp.gguf_file(model)) is not None and first.device.type == "cpu":
+        llm = llamacpp.load_llamacpp(gguf, context=max(contexts) + decode_tokens + 64, threads=torch.get_num_threads())
+    else:
+        print(llamacpp.ABSENT if not llamacpp.available() else "llama.cpp: left out (a GGUF model on the CPU only)",
+              file=sys.stderr)
     weights, activations = (str(t).removeprefix("torch.") for t in (first.weight_dtype, first.dtype))
     print(f"bench speed: {first.model_name} on {first.device} ({torch.get_num_threads()} threads), "
           f"{decode_tokens} decode tokens per context, engines taking turns every {TURN_TOKENS}; "
           f"edgekv weights {weights} with {activations} activations, transformers all {activations}",
           file=sys.stderr)
     short = prompt_ids(first.tokenizer, 64)
+    names = [n for name in configs for n in (name, *([f"{name} @{baseline}"] if worker else []))]
     warm_up = {name: edgekv_runner(engine, short, 4) for name, engine in {**engines, "ceiling": ceiling}.items()}
+    if worker:
+        warm_up.update({f"{name} @{baseline}": baseline_runner(worker, name, short, 4) for name in configs})
+    if llm:
+        warm_up["llama.cpp"] = llamacpp.llamacpp_runner(llm, short, 4)
     run_in_turns({**warm_up, "transformers": transformers_runner(reference, short, 4)}, 1)
     rows = []
     for n in contexts:
@@ -155,23 +177,37 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
         runners = {"transformers": transformers_runner(reference, ids, decode_tokens)}
         for name, engine in engines.items():
             runners[name] = edgekv_runner(engine, ids, decode_tokens)
+            if worker:
+                runners[f"{name} @{baseline}"] = baseline_runner(worker, name, ids, decode_tokens)
+        if llm:
+            runners["llama.cpp"] = llamacpp.llamacpp_runner(llm, ids, decode_tokens)
         # decode over a short context: what a step costs besides long-context attention
         runners["ceiling"] = edgekv_runner(ceiling, short, decode_tokens)
         row = {"context": n, **run_in_turns(runners, TURN_TOKENS)}
         floor_tok_s = row.pop("ceiling")["decode_tok_s"]
-        for name, engine in engines.items():
+        for engine in engines.values():
             engine.reset()  # free this context's KV before the next context
+        for name in names:
             for key in ("prefill_tok_s", "decode_tok_s"):
                 row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
             row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"]
+        if llm:
+            for name in names:
+                row[name]["vs_llamacpp"] = {key: row[name][key] / row["llama.cpp"][key]
+                                            for key in ("prefill_tok_s", "decode_tok_s")}
+        for name in configs if worker else ():  # this checkout against the baseline, config by config
+            old = row[f"{name} @{baseline}"]
+            row[name]["vs_baseline"] = {key: row[name][key] / old[key] for key in ("prefill_tok_s", "decode_tok_s")}
         row["short_context_decode_tok_s"] = floor_tok_s
         row["ceiling_vs_dense"] = floor_tok_s / row["edgekv dense"]["decode_tok_s"]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
     for engine in (*engines.values(), ceiling):
         engine.close()
-    print(format_table(rows, list(engines)))
-    write_plot(rows, plot, list(engines))
+    if worker:
+        worker.close()
+    print(format_table(rows, names))
+    write_plot(rows, plot, names)
     print(f"plot written to {plot}", file=sys.stderr)
     return rows
 
@@ -181,20 +217,28 @@ def format_table(rows: list[dict], names: list[str]) -> str:
     and where a decode step's KV time goes (ms per token: select, fetch, attend); then the
     ceiling: dense decode over a 64-token context vs dense at this context (what a step
     costs besides attention bounds what any sparse budget can gain)."""
-    head = (f"{'context':>8}  {'engine':<22} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} "
+    head = (f"{'context':>8}  {'engine':<30} {'prefill tok/s':>14} {'x transf.':>10} {'decode tok/s':>13} "
             f"{'x transf.':>10} {'x dense':>8}  kv ms/token")
     lines = [head, "-" * len(head)]
     for r in rows:
         t = r["transformers"]
-        lines.append(f"{r['context']:>8}  {'transformers':<22} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
+        lines.append(f"{r['context']:>8}  {'transformers':<30} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
+        if "llama.cpp" in r:
+            c = r["llama.cpp"]
+            lines.append(f"{'':>8}  {'llama.cpp (same GGUF)':<30} {c['prefill_tok_s']:>14.0f} "
+                         f"{c['prefill_tok_s'] / t['prefill_tok_s']:>9.2f}x {c['decode_tok_s']:>13.1f} "
+                         f"{c['decode_tok_s'] / t['decode_tok_s']:>9.2f}x")
         for name in names:
             e = r[name]
             split = e.get("decode_ms_per_token")
             where = "  " + " ".join(f"{k} {v:.1f}" for k, v in split.items()) if split else ""
-            lines.append(f"{'':>8}  {name:<22} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
+            for label, key in (("llama.cpp", "vs_llamacpp"), ("baseline", "vs_baseline")):
+                if versus := e.get(key):
+                    where += f"  vs {label}: prefill {versus['prefill_tok_s']:.2f}x, decode {versus['decode_tok_s']:.2f}x"
+            lines.append(f"{'':>8}  {name:<30} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
                          f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x {e['decode_vs_dense']:>7.2f}x{where}")
         if "ceiling_vs_dense" in r:
-            lines.append(f"{'':>8}  {'ceiling':<22} {'':>14} {'':>10} {r['short_context_decode_tok_s']:>13.1f} {'':>10} "
+            lines.append(f"{'':>8}  {'ceiling':<30} {'':>14} {'':>10} {r['short_context_decode_tok_s']:>13.1f} {'':>10} "
                          f"{r['ceiling_vs_dense']:>7.2f}x  dense decode at a 64-token context: the most any "
                          f"budget can gain here were its attention free")
     return "\n".join(lines)
@@ -211,7 +255,7 @@ def write_plot(rows: list[dict], path: Path, names: list[str]) -> None:
     ctx = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for name in ("transformers", *names):
+        for name in ("transformers", *(["llama.cpp"] if "llama.cpp" in rows[0] else []), *names):
             ax.plot(ctx, [r[name][key] for r in rows], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

@@ -211,6 +211,8 @@ def bench_speed(
     plot: Path = typer.Option(Path("bench-speed.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
     budgets: str = typer.Option("", "--budgets", help="Sparse budgets to time too (e.g. 10%,2048), vs edgekv dense."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="A git ref of this checkout whose edgekv runs each "
+                                           "configuration too, in turns (before/after a change)."),
     policy: dict = None,
 ) -> None:
     """Prefill and decode tok/s of edgekv vs transformers' generate, side by side."""
@@ -221,7 +223,7 @@ def bench_speed(
     with user_errors():
         budget_list = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
         rows = run_speed_bench(model, parse_contexts(contexts), decode_tokens=decode_tokens,
-                               plot=plot, threads=threads, budgets=budget_list)
+                               plot=plot, threads=threads, budgets=budget_list, baseline=baseline)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 

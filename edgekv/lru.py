@@ -1,8 +1,8 @@
 """An id -> slot table that knows the order of last use, for the tier store's caches.
 
-A decode step reads ~70 rows per layer, all usually cached: with an ``OrderedDict`` that
-is ~70 ``move_to_end`` calls in each of two tables, ~40 µs per layer (~1.3 ms per token
-for a 30-layer model). Here a read stamps its slots in one numpy assignment instead:
+A decode step reads tens of rows per layer, all usually cached: with an ``OrderedDict``
+that is one ``move_to_end`` call per row in each of two tables, per layer and token. Here
+a read stamps its slots in one numpy assignment instead:
 every slot carries the clock value of its last use, and ``oldest`` sorts stamps only
 when something must be evicted. Stamps are unique, so the order is exactly the one
 ``move_to_end`` in call order would give.

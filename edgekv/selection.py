@@ -21,10 +21,9 @@ registry (`SCORERS`); each says what it keeps per block and how it scores a quer
     minmax   per-channel key min and max, fp16            8     Quest's upper bound
     mean     the mean key, fp16                           4     q . mean key
 
-keys4 is the default. mass with adaptive heads measured better at a 10% budget on the
-embedded model (perplexity ratio vs dense at 8K 0.99 vs 1.02, teacher-forced agreement
-over 4 documents of 7.4K 92% vs 90%) but its CPU scorer takes about twice keys4's time (1.27x dense decode
-speed at 8K instead of 1.66x) and it found 41 of 50 4K passkeys against 44.
+keys4 is the default: mass with adaptive heads measured better in quality at a 10%
+budget on the embedded model, but its CPU scorer costs about twice as much and it found
+fewer passkeys (README has the figures).
 
 Speculation (`speculate`): from layer l's input, the engine computes an approximate
 query of layer l+1 and asks for layer l+1's top-k blocks before layer l+1 runs

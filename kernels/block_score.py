@@ -246,7 +246,7 @@ def score_blocks_torch(q: torch.Tensor, rows: torch.Tensor, codec: BlockCodec, *
     so the scale folds into a per-block query and the zero into a per-block bias: one
     small matmul per block and code position within a byte (channels ``j, j + cpb, …``
     are the ``j``-th code of each byte), on codes cast straight from the bytes. The same
-    scores as decoding first, up to fp32 summation order; about 3x faster on a CPU.
+    scores as decoding first, up to fp32 summation order, and faster on a CPU.
     """
     check_combine(combine)
     if rows.dim() != 3:

@@ -11,11 +11,10 @@ The (KV head, block) pairs are split into chunks over `kernel_threads` threads; 
 and zeros are read as fp16 words in place (`numba_support`). At 4 bits (the default) a
 block's bytes are split into two tiles, low nibbles (even channels) and high nibbles
 (odd channels), by two plain passes that the compiler vectorizes, and the query is split
-the same way; unpacking into channel order converts code by code and made the scorer
-about 1.4x slower (0.41 vs 0.29 ms for 3 KV heads x 250 blocks of 32 tokens at head_dim
-64, one thread). The same split did not pay in the attention kernel (0.33 vs 0.29 ms:
-there a block's tile is reused by only a few dot products, and the permuted query,
-scales, tail and output cost more than it saved).
+the same way (unpacking into channel order converts code by code, which measured slower).
+The same split did not pay in the attention kernel: there a block's tile is reused by
+only a few dot products, and the permuted query, scales, tail and output cost more than
+it saved.
 
 Compiled on first use (cached on disk by numba); 16-bit rows have no codes
 to unpack and go to the twin. `NumbaBlockSelector` is what a KV cache builds once for
@@ -120,7 +119,7 @@ def _nibble_kernel(d: int, block_size: int):
     """The 4-bit scorer (`_kernel`'s arguments): the codes of token t are bytes k_off + t*D/2 ..
     with channel 2i in the low and 2i+1 in the high nibble of byte i. (Segments are read
     through slices: an index like ``row[k_off + i]`` may be negative for all numba knows,
-    and its wraparound check kept the loops scalar, 3-4x slower.)"""
+    and its wraparound check keeps the loops scalar.)"""
     width = d // 2  # code bytes per token
 
     @njit(fastmath=True, cache=True, nogil=True, parallel=True)
@@ -261,8 +260,8 @@ class NumbaBlockSelector:
 def exp_nonpositive(x, out, bits, powers):
     """out[i] = exp(x[i]) for x[i] <= 0, relative error below 1e-4 (x below -87: 2**-126).
     2**y as 2**floor(y) by exponent bits times a polynomial in the fraction, so that the
-    loop vectorizes: a libm exp per element keeps it scalar, ~9x slower (67K values:
-    358 vs 40 us). bits: int32 scratch of x's length at least, powers: the same memory
+    loop vectorizes (a libm exp per element keeps it scalar). bits: int32 scratch of x's
+    length at least, powers: the same memory
     as float32 (``bits.view(np.float32)``, made once by the caller: a view made per
     call cost more than the exponentials of a block)."""
     for i in range(x.shape[0]):

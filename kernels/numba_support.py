@@ -29,9 +29,9 @@ def widen_halves(words, out):
     exponent and mantissa move to their fp32 places, and a multiplication by 2**112 turns
     the fp16 exponent bias (15) into fp32's (127), normal and subnormal numbers alike.
     Infinities and NaNs come out finite (rows never hold them: a codec's scales and zero
-    points are finite). Two passes with no branch, which the compiler vectorizes: a
-    4-bit scorer call (3 KV heads x 256 blocks) took 133 µs with it, 166 µs with a
-    branching conversion per element (infinities, subnormals, a table of powers of two)."""
+    points are finite). Two passes with no branch, which the compiler vectorizes (a
+    branching conversion per element — infinities, subnormals, a table of powers of two —
+    does not)."""
     bits = out.view(np.uint32)
     for c in range(out.shape[0]):
         w = np.uint32(words[c])

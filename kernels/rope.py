@@ -3,10 +3,8 @@
 Keys are stored un-rotated because RoPE spins the high-frequency channel pairs within a
 block: after rotation a channel's values over a block's 32 tokens spread over a wide
 range, so a per-channel 4-bit grid is coarse; before rotation the channels are smooth
-(KVQuant's pre-RoPE key quantization). On the embedded model, 8K document, last 512
-tokens, 4-bit KV vs 16-bit: keys quantized after RoPE give a perplexity ratio of 1.065,
-before RoPE 1.029 (1.016 with block 0 kept exact, 1.006 with values also rotated: see
-`edgekv.rotation`).
+(KVQuant's pre-RoPE key quantization; what it buys on the embedded model: README, "Why
+the formats are what they are").
 
 The rotation is the rotate-half form of Llama-family models, *without* the rope scale
 factor (it is already inside the stored keys): for a key ``x: [head_dim]`` at position

@@ -25,11 +25,8 @@ per-call function: it makes the table rows of the selected blocks each call and 
 ``rows`` as a pool of its own. `NumbaSparseAttention` is what a KV cache builds once for
 its decode steps: the table of every block start is made at construction, the exact
 sink and tail are passed as arrays (the tail as its growable buffer and a length)
-instead of being concatenated each step, and the rows are read in the device cache.
-Together with `NumbaBlockSelector`, a decode step's KV work at 8K context and a 10%
-budget (3 KV heads of 250 blocks, this project's 2-core CPU, both paths taking turns in
-one run) took 0.49 ms per layer, against 0.67 ms through the per-call functions;
-`edgekv bench speed` has the engine figures.
+instead of being concatenated each step, and the rows are read in the device cache
+(`edgekv bench kernels` and `edgekv bench speed` have the figures).
 
 Each KV head's blocks are split into `kernel_threads` runs, attended in parallel, each
 with its own running softmax (the exact tail goes with the first run), and the runs'
@@ -288,8 +285,8 @@ class NumbaSparseAttention:
     exact sink and tail passed apart (no concatenation per step); the blocks are read where
     they lie in a row pool (the store's device cache: no gathered copy). With
     ``value_basis`` R (values stored as v @ R, `edgekv.rotation`), outputs come back
-    as out @ R.T, in the model's basis: done in the kernel, a torch matmul per layer
-    cost ~1 ms per decode step of the embedded model at 8K. No argument checks: the
+    as out @ R.T, in the model's basis: done in the kernel, which is cheaper than a torch
+    matmul per layer. No argument checks: the
     caller hands it rows from its own store."""
 
     def __init__(self, codec: BlockCodec, rope_inv_freq: torch.Tensor, max_blocks: int,
