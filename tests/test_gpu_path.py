@@ -169,9 +169,9 @@ def test_the_gpu_check_refuses_without_a_gpu_and_dry_runs_on_the_cpu(tmp_path):
         assert not (tmp_path / "r.md").exists()
     from edgekv import bench_gpu
 
-    rows = bench_gpu.run_gpu_check(tmp_path / "dry.md", dry_run=True)
+    rows = bench_gpu.run_gpu_check(tmp_path / "dry.md", dry_run=True, decode_budget_s=3600)
     report = (tmp_path / "dry.md").read_text()
     assert "## End-to-end decode" in report and "a dry run" in report
     assert len(rows) == 6 and all(r["decode_tok_s"] > 0 for r in rows)
-    sparse = [r for r in rows if "2048" in r["label"] and r["context"] == 2048]
+    sparse = [r for r in rows if "2048" in r["label"] and r["context"] == 1024]
     assert sparse and sparse[0]["kv_bytes"]["ram"] > 0  # the tiers hold the compressed KV
