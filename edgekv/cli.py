@@ -175,9 +175,13 @@ def info(model: Optional[str] = ModelOpt) -> None:
     from .model import ModelShape
     from .sizes import format_size
 
+    from .weights import exact_bits, gguf_source, weights_nbytes
+
     with user_errors():
         source = resolve_model(model)
-        shape = ModelShape.from_config(load_config(source))
+        config = load_config(source)
+        shape = ModelShape.from_config(config)
+        gguf = gguf_source(source.folder)
     try:
         import triton
 
@@ -190,6 +194,8 @@ def info(model: Optional[str] = ModelOpt) -> None:
         f"shape       {shape.num_layers} layers, {shape.num_heads} heads / {shape.num_kv_heads} KV heads, "
         f"head dim {shape.head_dim}, hidden {shape.hidden_size}, vocab {shape.vocab_size}, context {shape.max_context}",
         f"KV per token {format_size(2 * shape.num_layers * shape.num_kv_heads * shape.head_dim * 2)} at 16 bits",
+        "weights     " + " · ".join(f"{bits}-bit {format_size(weights_nbytes(config, bits))}" for bits in (16, 8, 4))
+        + "  (--weight-bits; the GGUF's own blocks: " + (f"{exact_bits(gguf)}-bit" if gguf else "none") + ")",
         f"python      {platform.python_version()}",
         f"torch       {torch.__version__}  (CUDA {torch.version.cuda or 'none'}, available: {torch.cuda.is_available()})",
         f"triton      {triton_version}",

@@ -14,6 +14,7 @@ from .backends import BACKENDS
 from .errors import EdgekvError
 
 KV_BITS = (2, 4, 8, 16)
+WEIGHT_BITS = (4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 KERNELS = ("auto", *BACKENDS)  # the decode backends (edgekv.backends) by name
@@ -95,6 +96,12 @@ class Policy:
         CPU with float32 activations, where a decode step is bound by reading the weights;
         else the activation dtype). Decode steps multiply the stored weights, prefill
         chunks widen them to the activation dtype (`model.linear`).
+    weight_bits: 16 (floats in weight_dtype), 8 or 4: projection weights as 8- or 4-bit
+        codes with a scale and zero per group, decoded in registers (`edgekv.weights`:
+        the output head at 8 bits, a GGUF file's blocks taken over exactly). "auto": for a
+        model from a GGUF file, the bits its projection blocks fit exactly (4 for Q4_*,
+        8 for 5-8-bit types: the file's own values, the fastest at its quality); 16 for
+        a folder of float weights.
     prefill_chunk: tokens per prefill forward pass (bounds activation memory).
     block_size: tokens per KV block (the paging, compression and selection unit).
     offload: True = the KV cache lives compressed in the tiers (device cache, RAM, disk);
@@ -128,6 +135,8 @@ class Policy:
     dtype: str = _option("auto", "--dtype", "auto, float32, float16 or bfloat16.")
     weight_dtype: str = _option("auto", "--weight-dtype",
                                 "Stored weight precision: auto (float16 on CPU), float32, float16 or bfloat16.")
+    weight_bits: int | str = _option("auto", "--weight-bits", "Projection weights at 16, 8 or 4 bits; auto: the "
+                                     "GGUF file's own blocks where it has them (4 or 8), else 16.")
     prefill_chunk: int = _option(512, "--prefill-chunk", "Tokens per prefill pass (bounds memory).", int)
     block_size: int = _option(32, "--block-size", "Tokens per KV block.", int)
     offload: bool = _option(True, "--offload/--no-offload",
@@ -159,6 +168,10 @@ class Policy:
             raise EdgekvError(f"invalid dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.weight_dtype not in DTYPES:
             raise EdgekvError(f"invalid weight_dtype {self.weight_dtype!r}: use one of {', '.join(DTYPES)}")
+        if isinstance(self.weight_bits, str) and self.weight_bits.strip().isdigit():  # from the command line
+            object.__setattr__(self, "weight_bits", int(self.weight_bits))
+        if self.weight_bits != "auto" and (isinstance(self.weight_bits, bool) or self.weight_bits not in WEIGHT_BITS):
+            raise EdgekvError(f"invalid weight_bits {self.weight_bits!r}: use 16, 8, 4 or auto")
         _require_int("prefill_chunk", self.prefill_chunk, minimum=1)
         _require_int("block_size", self.block_size, minimum=1)
         _require_int("recent_window", self.recent_window, minimum=0)

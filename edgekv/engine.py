@@ -24,11 +24,12 @@ from .backends import backend_class, backend_name
 from .config import Policy
 from .errors import EdgekvError
 from .kvcache import PagedKVCache
-from .loader import ModelSource, cache_root, load_config, load_state_dict, load_tokenizer, resolve_model
+from .loader import ModelSource, cache_root, load_config, load_tokenizer, resolve_model
 from .model import Decoder, KVCache
 from .sampling import sample_next
 from .speculation import Speculator
 from .textstream import TextStream, find_stop
+from .weights import QuantizedState, exact_bits, gguf_source, load_weights, weight_bytes
 from .tiered_cache import TieredKVCache
 
 Messages = Sequence[dict] | Sequence[int]
@@ -84,6 +85,15 @@ def _pick_weight_dtype(policy: Policy, device: torch.device, dtype: torch.dtype)
     return dtype
 
 
+def pick_weight_bits(policy: Policy, source: ModelSource | None) -> int:
+    """`Policy.weight_bits` resolved: "auto" keeps a GGUF file's own blocks (the bits they
+    fit exactly: 4 or 8) and a folder's floats (16)."""
+    if policy.weight_bits != "auto":
+        return int(policy.weight_bits)
+    gguf = None if source is None else gguf_source(source.folder)
+    return 16 if gguf is None else exact_bits(gguf)
+
+
 def load(model: str | os.PathLike | None = None, *, progress: bool = True, **policy: object) -> "Engine":
     """Load a model (default: the embedded SmolLM2-135M-Instruct) with a validated policy."""
     return Engine(resolve_model(model, progress=progress), Policy.from_kwargs(**policy))
@@ -108,9 +118,14 @@ class Engine:
         given = config is not None
         self.config = config if given else load_config(source)
         self.tokenizer = tokenizer if given else load_tokenizer(source)
+        self.weight_bits = pick_weight_bits(policy, None if given else source)
+        if given:
+            weights = state if self.weight_bits == 16 else QuantizedState(state, {}, self.weight_bits)
+        else:
+            weights = load_weights(source, self.config, self.weight_bits)
         with torch.inference_mode():
-            self.model = Decoder(self.config, state if given else load_state_dict(source), dtype=self.dtype,
-                                 device=self.device, weight_dtype=self.weight_dtype)
+            self.model = Decoder(self.config, weights, dtype=self.dtype, device=self.device,
+                                 weight_dtype=self.weight_dtype, weight_bits=self.weight_bits)
         self.shape = self.model.shape
         self.eos_ids = self._eos_ids()
         self.speculator: Speculator | None = None  # the decode steps' layer hook, when speculating
@@ -394,6 +409,7 @@ class Engine:
             "decode_s": round(t_decode, 6),
             "decode_tok_s": round(decode_steps / t_decode, 3) if decode_steps and t_decode > 0 else 0.0,
             "kv_bytes": self.kv.resident_bytes(),
+            "weights_bytes": weight_bytes(self.model),
             **self.kv.decode_stats(decode_steps),
             "finish_reason": finish,
             "model": self.model_name,

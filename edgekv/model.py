@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import EdgekvError
+from .kernels.qlinear import QuantizedWeight, qlinear, quantize_weight, stack_rows
 
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -106,8 +107,11 @@ class LayerHook(Protocol):
         at the token's position (the rope scale applied)."""
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, in] @ weight[out, in]ᵀ + bias [out], in x's dtype.
+
+    A `QuantizedWeight` (4/8-bit, `Policy.weight_bits`) goes to `kernels.qlinear`: its
+    codes are decoded in registers (the CPU kernel reads them in place), products in fp32.
 
     Weights may be stored narrower than the activations (`Policy.weight_dtype`, e.g.
     fp16 weights with fp32 activations): the product then rounds x to the weights'
@@ -118,6 +122,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     weights and compute the same exact products in fp32 — so a token gets the same
     outputs, up to fp32 summation order, alone or in a chunk.
     """
+    if isinstance(weight, QuantizedWeight):
+        return qlinear(x, weight, bias)
     if weight.dtype == x.dtype:
         return F.linear(x, weight, bias)
     narrow = x.to(weight.dtype)
@@ -151,6 +157,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _head_rows(weight, rows: int):
+    """The first `rows` rows of a (stacked) projection weight: a view, or for a quantized
+    weight whose rows split inside a tile, a copy."""
+    if not isinstance(weight, QuantizedWeight):
+        return weight[:rows]
+    if rows % 32 == 0:
+        return weight.head_rows(rows)
+    return weight.take_rows(torch.arange(rows, device=weight.device))
+
+
 class Decoder(torch.nn.Module):
     """Weights of one Llama-family model and its forward pass.
 
@@ -158,27 +174,41 @@ class Decoder(torch.nn.Module):
     transformers state dict loads as is.
     """
 
-    def __init__(self, config, state: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device,
-                 weight_dtype: torch.dtype | None = None):
+    def __init__(self, config, state, *, dtype: torch.dtype, device: torch.device,
+                 weight_dtype: torch.dtype | None = None, weight_bits: int = 16):
+        """state: name -> float tensor, or `QuantizedWeight` for tensors kept quantized
+        (`edgekv.weights`); weight_bits 4/8: projections stacked as quantized weights
+        (a float one is quantized here), 16: floats stored in weight_dtype."""
         super().__init__()
         weight_dtype = weight_dtype or dtype
         self.shape = ModelShape.from_config(config)
+        self.weight_bits = weight_bits
         s = self.shape
 
-        def take(name: str, rows: int | None = None, cols: int | None = None) -> torch.Tensor:
+        def take(name: str, rows: int | None = None, cols: int | None = None):
             if name not in state:
                 raise EdgekvError(f"the weights have no tensor {name!r}: the model files do not match its config")
             t = state[name]
-            if rows is not None and t.shape[0] != rows or cols is not None and t.shape[-1] != cols:
-                raise EdgekvError(f"tensor {name!r} has shape {tuple(t.shape)}, which does not match the config")
-            return t.to(device=device, dtype=dtype)
+            shape = (t.out_features, t.in_features) if isinstance(t, QuantizedWeight) else tuple(t.shape)
+            if rows is not None and shape[0] != rows or cols is not None and shape[-1] != cols:
+                raise EdgekvError(f"tensor {name!r} has shape {shape}, which does not match the config")
+            return t.to(device) if isinstance(t, QuantizedWeight) else t.to(device=device, dtype=dtype)
 
         def maybe(name: str) -> torch.Tensor | None:
             return take(name) if name in state else None
 
-        def matrix(*parts: torch.Tensor) -> torch.Tensor:
-            """Row-stacked projection weights, stored in weight_dtype."""
-            return torch.cat(parts).to(weight_dtype) if len(parts) > 1 else parts[0].to(weight_dtype)
+        def matrix(*parts):
+            """Row-stacked projection weights: quantized (weight_bits 4/8) or in weight_dtype."""
+            if weight_bits == 16:
+                floats = [p.dequantize(dtype) if isinstance(p, QuantizedWeight) else p for p in parts]
+                return torch.cat(floats).to(weight_dtype) if len(floats) > 1 else floats[0].to(weight_dtype)
+            quantized = [p if isinstance(p, QuantizedWeight) else quantize_weight(p, weight_bits) for p in parts]
+            if len(quantized) == 1:
+                return quantized[0]
+            try:
+                return stack_rows(*quantized)
+            except ValueError:  # forms differ (e.g. GGUF blocks of two types): one form for all
+                return stack_rows(*(quantize_weight(q.dequantize(), weight_bits) for q in quantized))
 
         def bias(*names: str, rows: tuple[int, ...]) -> torch.Tensor | None:
             """The stacked biases of `names` (zeros where one has none); None when none has one."""
@@ -195,12 +225,14 @@ class Decoder(torch.nn.Module):
             p = f"model.layers.{i}."
             a, m = p + "self_attn.", p + "mlp."
             # q, k, v (and gate, up) stacked: one matrix product each per layer
+            qkv = matrix(take(a + "q_proj.weight", q_rows, s.hidden_size),
+                         take(a + "k_proj.weight", kv_rows, s.hidden_size),
+                         take(a + "v_proj.weight", kv_rows, s.hidden_size))
             self.layers.append({
                 "ln1": take(p + "input_layernorm.weight"),
                 "ln2": take(p + "post_attention_layernorm.weight"),
-                "qkv": matrix(take(a + "q_proj.weight", q_rows, s.hidden_size),
-                              take(a + "k_proj.weight", kv_rows, s.hidden_size),
-                              take(a + "v_proj.weight", kv_rows, s.hidden_size)),
+                "qkv": qkv,
+                "q": _head_rows(qkv, q_rows),  # the query rows alone (speculation): a view where possible
                 "qkv_bias": bias(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias",
                                  rows=(q_rows, kv_rows, kv_rows)),
                 "o": matrix(take(a + "o_proj.weight", s.hidden_size, q_rows)),
@@ -214,10 +246,31 @@ class Decoder(torch.nn.Module):
             })
         self.norm = take("model.norm.weight")
         tied = getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in state
-        self.lm_head = matrix(self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size))
+        head = self.embed if tied else take("lm_head.weight", s.vocab_size, s.hidden_size)
+        self.lm_head = head if isinstance(head, QuantizedWeight) else matrix(head)
+        if weight_bits < 16 and not isinstance(self.lm_head, QuantizedWeight):  # a float head kept at 8 bits
+            self.lm_head = quantize_weight(head, 8)
+        if tied and isinstance(self.lm_head, QuantizedWeight):
+            self.embed = self.lm_head  # one table: the embedding looks rows up in the head's codes
         inv_freq, self.rope_scale = rope_inverse_frequencies(config)
         self.inv_freq = inv_freq.to(device)
         self.dtype, self.device = dtype, device
+
+    def weights(self) -> list:
+        """Every weight the decoder holds, once each (tensors and `QuantizedWeight`s)."""
+        seen, out = set(), []
+        for t in (self.embed, self.norm, self.lm_head, *(w for layer in self.layers for k, w in layer.items()
+                                                         if k != "q")):
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] ids -> [T, hidden] in the model dtype (a quantized table decodes only those rows)."""
+        if isinstance(self.embed, QuantizedWeight):
+            return self.embed.dequantize_rows(input_ids, self.dtype)
+        return F.embedding(input_ids, self.embed)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if x.dtype == weight.dtype == torch.float32:  # the same arithmetic in one op
@@ -241,7 +294,7 @@ class Decoder(torch.nn.Module):
         """
         s = self.shape
         T = input_ids.shape[0]
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         cos, sin = self.rope(positions)
         q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         for i, w in enumerate(self.layers):
@@ -268,7 +321,7 @@ class Decoder(torch.nn.Module):
         s, w = self.shape, self.layers[layer]
         q_rows = s.num_heads * s.head_dim
         bias = None if w["qkv_bias"] is None else w["qkv_bias"][:q_rows]
-        q = linear(h, w["qkv"][:q_rows], bias).reshape(h.shape[0], s.num_heads, s.head_dim).transpose(0, 1)
+        q = linear(h, w["q"], bias).reshape(h.shape[0], s.num_heads, s.head_dim).transpose(0, 1)
         return q * cos + _rotate_half(q) * sin
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
