@@ -66,17 +66,21 @@ class BaselineWorker:
         self.folder = Path(tempfile.mkdtemp(prefix="edgekv-baseline-"))
         source = self.folder / "src"
         source.mkdir()
-        archive = subprocess.run(["git", "-C", str(repo), "archive", ref, "edgekv", "kernels", "tui"],
-                                 capture_output=True)
-        if archive.returncode != 0:
+        # Before the kernels and the chat app moved under edgekv/, they lay at the top level.
+        listing = subprocess.run(["git", "-C", str(repo), "ls-tree", "--name-only", ref],
+                                 capture_output=True, text=True)
+        top_level = [name for name in ("edgekv", "kernels", "tui") if name in listing.stdout.split()]
+        archive = subprocess.run(["git", "-C", str(repo), "archive", ref, *top_level], capture_output=True)
+        if listing.returncode != 0 or archive.returncode != 0 or "edgekv" not in top_level:
             shutil.rmtree(self.folder, ignore_errors=True)
-            raise EdgekvError(f"cannot read git ref {ref!r} of {repo}: {archive.stderr.decode().strip()}")
+            reason = (listing.stderr or archive.stderr.decode()).strip() or "no edgekv/ there"
+            raise EdgekvError(f"cannot read git ref {ref!r} of {repo}: {reason}")
         subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
         root = self.folder / "pkg"  # the installed layout: edgekv/, edgekv/kernels, edgekv/tui
         root.mkdir()
         shutil.move(source / "edgekv", root / "edgekv")
-        shutil.move(source / "kernels", root / "edgekv" / "kernels")
-        shutil.move(source / "tui", root / "edgekv" / "tui")
+        for name in top_level[1:]:
+            shutil.move(source / name, root / "edgekv" / name)
         set_threads = f"import torch; torch.set_num_threads({threads})\n" if threads else ""
         self.process = subprocess.Popen([sys.executable, "-c", set_threads + WORKER], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1,

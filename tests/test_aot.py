@@ -53,7 +53,8 @@ MATRIX = (dict(shapes=tuple(aot.SHAPES), targets=tuple(aot.TARGETS), dtypes=tupl
 
 SPILL_BOUND = {("_score_kernel", 90): 64, ("_partial_kernel", 90): 64}  # bytes; every other (kernel, sm): 0
 REG_BOUND = {"_partial_kernel": 240, "_compress_kernel": 144, "_bound_kernel": 112, "_score_kernel": 96,
-             "_merge_kernel": 80, "_gather_kernel": 32}
+             "_merge_kernel": 80, "_gather_kernel": 32,
+             "_qmatmul_kernel": 80, "_dequant_kernel": 64}
 KERNELS_DIR = Path(aot.__file__).parent
 
 

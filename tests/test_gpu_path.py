@@ -24,7 +24,7 @@ from edgekv.tiered_cache import TieredKVCache
 INV_FREQ = 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16)
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROOT = Path(__file__).resolve().parents[1]
-OWN_CODE = (str(ROOT / "edgekv"), str(ROOT / "kernels"))
+OWN_CODE = (str(ROOT / "edgekv"),)
 
 # calls that read a tensor's values (or a size that depends on them) back to the host
 READS_BACK = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__", "nonzero",
@@ -32,7 +32,7 @@ READS_BACK = {"item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float_
 
 
 class HostReads(TorchFunctionMode):
-    """Records the torch calls made from edgekv's own code (edgekv/, kernels/) that would
+    """Records the torch calls made from edgekv's own code (edgekv/, its kernels included) that would
     synchronize a GPU with the host: value reads, data-dependent shapes (boolean
     indexing), copies to the CPU."""
 

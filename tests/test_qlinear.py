@@ -146,6 +146,38 @@ def test_every_backend_equals_the_twin(name, qw, tokens, backend):
     assert_close_to_twin(qlinear(x, qw, bias, backend=backend), x, qw, bias)
 
 
+SMALL_FORMS = [(name, qw) for name, qw in WEIGHTS if name.endswith(("33x96", "7x40", "33x100", "5x1"))
+               or name.startswith(("Q4_K", "Q5_K", "Q6_K"))]
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="the triton package is not installed")
+@pytest.mark.parametrize("tokens", [1, 5, 20])  # 20: past the fused kernel, the decoded matrix
+@pytest.mark.parametrize("name, qw", SMALL_FORMS, ids=[n for n, _ in SMALL_FORMS])
+def test_the_triton_kernels_equal_the_twin(name, qw, tokens):
+    """Small shapes: on a CPU the kernels run in Triton's interpreter (tests/conftest.py)."""
+    if qw.in_features > 512:
+        qw = qw.take_rows(torch.arange(min(qw.out_features, 40)))
+    gen = torch.Generator().manual_seed(tokens)
+    x, bias = torch.randn(tokens, qw.in_features, generator=gen), torch.randn(qw.out_features, generator=gen)
+    assert_close_to_twin(qlinear(x, qw, bias, backend="triton"), x, qw, bias)
+
+
+@pytest.mark.skipif(not _backend.triton_available(), reason="the triton package is not installed")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_multiplies_half_activations_in_their_precision_and_sums_in_fp32(dtype):
+    """Like any half-precision matrix product: decoded weights rounded to x's dtype for the
+    tensor cores, products summed in fp32, the output rounded once."""
+    qw = quantize_weight(gaussian(64, 128), 4)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y = qlinear(x, qw, backend="triton")
+    assert y.dtype == dtype
+    w = qw.dequantize()
+    twin = x.float() @ w.t()
+    eps = torch.finfo(dtype).eps  # the weights' rounding to x's dtype (none under the interpreter: fp32 dots)
+    bound = (SUM_RTOL + eps) * (x.float().abs() @ w.abs().t()) + twin.abs() * eps
+    assert ((y.float() - twin).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_token_gets_the_same_output_alone_or_in_a_chunk(backend):
     qw = quantize_weight(gaussian(600, 4096), 4)  # several widened blocks in a 12-token product

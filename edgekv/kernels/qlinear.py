@@ -588,16 +588,22 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None = No
     """``x [T, in_features] @ Wᵀ + bias [out_features]`` -> ``[T, out_features]``.
 
     Computed in fp32 (float16/bfloat16 ``x`` are widened) and returned in x's dtype.
-    backend: ``"numba"`` (CPU: the fused kernel for T == 1, a tile-wise fp32 product for
-    T > 1; both equal to the twin up to fp32 summation order), ``"torch"`` (the twin:
-    dequantize, then ``F.linear``; any device) or ``"auto"`` (numba on the CPU when it
-    imports, else the twin; there is no Triton kernel, CUDA tensors get the twin).
+    backend: ``"numba"`` (CPU: the fused kernel for a few tokens, a tile-wise fp32 product
+    for more; both equal to the twin up to fp32 summation order), ``"triton"`` (CUDA, or
+    Triton's interpreter: `qlinear_triton`, the fused kernel for a few tokens, the decoded
+    matrix and torch's product for more), ``"torch"`` (the twin: dequantize, then
+    ``F.linear``; any device) or ``"auto"`` (Triton on CUDA, numba on the CPU).
     """
     check_linear_args(x, qw, bias)
-    if resolve_backend(backend, x, qw.codes) == "numba":
+    chosen = resolve_backend(backend, x, qw.codes)
+    if chosen == "numba":
         from . import qlinear_numba
 
         return qlinear_numba.product(x, qw, bias)
+    if chosen == "triton":
+        from .qlinear_triton import qlinear_triton
+
+        return qlinear_triton(x, qw, bias)
     return qlinear_torch(x, qw, bias)
 
 

@@ -260,11 +260,16 @@ def launch_plans(shape: AotShape, dtype: torch.dtype, bits: int) -> list[tuple[s
     - ``compress_blocks_triton`` "rows": one block per KV head, K and V in the model dtype
       (the commit of the tiered cache; the keys4 summaries at 4 bits).
     - ``gather_rows_triton`` "rows": selected rows of a row pool.
+    - ``qlinear_triton`` "decode" (one token, the fused kernel) and ``dequantize_triton``
+      "prefill" (the decoded matrix of a long chunk): the model's square projection
+      (hidden x hidden) at ``bits`` 4 or 8 weight bits, group 64; at 4 bits also the
+      GGUF forms "q4_1" (group 32) and "q4_k" (integer scales under super-block factors).
     """
     from edgekv.quant import BlockCodec
 
-    from . import block_score_triton, compress_triton, gather_triton, sparse_attention_triton
+    from . import block_score_triton, compress_triton, gather_triton, qlinear_triton, sparse_attention_triton
     from ._backend import key_copy_bytes
+    from .qlinear import TILE, QuantizedWeight
 
     codec = BlockCodec(bits, shape.block_size, shape.head_dim)
     hq, hkv, d, b = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.block_size
@@ -314,7 +319,32 @@ def launch_plans(shape: AotShape, dtype: torch.dtype, bits: int) -> list[tuple[s
         pool = torch.empty(2 * hkv * ksel, codec.row_bytes, dtype=torch.uint8)
         return gather_triton.gather_rows_triton(pool, torch.arange(hkv * ksel, dtype=torch.int64))
 
+    hidden = hq * d
+
+    def weight(group: int, super_groups: int = 0) -> QuantizedWeight:
+        """A stand-in [hidden, hidden] weight of `bits` bits laid out as the decoder keeps it."""
+        tiles, groups = hidden // TILE, hidden // group
+        codes = torch.empty(tiles, groups, group // 2 if bits == 4 else group, TILE,
+                            dtype=torch.uint8 if bits == 4 else torch.int8)
+        small = torch.uint8 if super_groups else torch.float16
+        scale = torch.empty(tiles, groups, TILE, dtype=small)
+        zero = torch.empty(tiles, groups, TILE, dtype=small) if bits == 4 or super_groups else None
+        supers = [torch.empty(tiles, -(-groups // super_groups), TILE, dtype=torch.float16) for _ in range(2)] \
+            if super_groups else [None, None]
+        return QuantizedWeight(bits, hidden, hidden, group, codes, scale, zero, *supers, super_groups)
+
+    def linear(qw: QuantizedWeight, tokens: int):
+        def call():
+            return qlinear_triton.qlinear_triton(torch.empty(tokens, hidden, dtype=dtype), qw)
+        return call
+
     plans = [("score_blocks_triton", "key copy", score), ("bound_scores_triton", "minmax", bound)]
+    if bits in (4, 8):
+        plans += [("qlinear_triton", "decode", linear(weight(64), 1)),
+                  ("dequantize_triton", "prefill", lambda: qlinear_triton.dequantize_triton(weight(64), dtype))]
+    if bits == 4:
+        plans += [("qlinear_triton", "q4_1", linear(weight(32), 1)),
+                  ("qlinear_triton", "q4_k", linear(weight(32, 8), 1))]
     if hasattr(sparse_attention_triton, "pooled_decode_attention_triton"):
         plans.append(("pooled_decode_attention_triton", "pooled", pooled))
     plans += [("sparse_decode_attention_triton", "rope", gathered(True)),

@@ -1,7 +1,7 @@
 """What the compiled CPU kernels (``*_numba.py``) share: fp16 reads and their thread count.
 
 (numba's on-disk cache checks only the file that defines a kernel: after editing a helper
-here, delete ``kernels/__pycache__/*.nbi`` and ``*.nbc`` or the kernels keep the old code.)
+here, delete ``edgekv/kernels/__pycache__/*.nbi`` and ``*.nbc`` or the kernels keep the old code.)
 
 numba has no float16 type, so the kernels read a row's fp16 scales and zero points as
 ``uint16`` words (a second view of the same bytes) and widen them with `widen_halves`,
