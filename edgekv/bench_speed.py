@@ -114,20 +114,37 @@ def edgekv_runner(engine, ids: list[int], decode_tokens: int) -> Generator[None,
 ENGINES = {"edgekv dense": {"offload": False}, "edgekv 4-bit tiers": {"kv_bits": 4}}
 
 
-def engine_configs(budgets: list[int | str]) -> dict[str, dict]:
-    """The edgekv configurations timed: dense, 4-bit tiers, and 4-bit tiers at each sparse budget."""
-    configs = dict(ENGINES)
+def engine_configs(budgets: list[int | str], weight_bits: list[int] = (),
+                   profile_policy: dict | None = None) -> dict[str, dict]:
+    """The edgekv configurations timed: dense, 4-bit tiers, and 4-bit tiers at each sparse
+    budget; each at every weight width of `weight_bits` (named "… w4"), or at the model's
+    own when it is empty; and the policy of a profile ("edgekv profile")."""
+    base = dict(ENGINES)
     for budget in budgets:
         if budget != "all":
-            configs[f"edgekv 4-bit {budget}"] = {"kv_bits": 4, "budget": budget}
+            base[f"edgekv 4-bit {budget}"] = {"kv_bits": 4, "budget": budget}
+    configs = {f"{name} w{bits}": {**policy, "weight_bits": bits} for bits in weight_bits
+               for name, policy in base.items()} if weight_bits else base
+    if profile_policy:
+        configs["edgekv profile"] = dict(profile_policy)
     return configs
+
+
+def dense_of(name: str, names: list[str]) -> str:
+    """The dense configuration a configuration's decode is compared with: the one at the
+    same weight width ("edgekv 4-bit 10% w4" -> "edgekv dense w4"), else the first dense."""
+    head, _, bits = name.rpartition(" w")
+    if head and bits.isdigit() and f"edgekv dense w{bits}" in names:
+        return f"edgekv dense w{bits}"
+    return "edgekv dense" if "edgekv dense" in names else next(n for n in names if n.startswith("edgekv dense"))
 
 
 TURN_TOKENS = 2  # decode tokens an engine runs before the next one takes its turn
 
 
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
-                    threads: int | None, budgets: list[int | str] = (), baseline: str | None = None) -> list[dict]:
+                    threads: int | None, budgets: list[int | str] = (), baseline: str | None = None,
+                    weight_bits: list[int] = (), profile_policy: dict | None = None) -> list[dict]:
     """Time transformers and each edgekv configuration at every context, taking turns
     (see the module doc); print ratios to transformers, and of each sparse budget to
     edgekv dense. baseline: a git ref whose edgekv also runs each configuration, in a
@@ -138,7 +155,7 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
 
     if threads:
         torch.set_num_threads(threads)
-    configs = engine_configs(budgets)
+    configs = engine_configs(budgets, weight_bits, profile_policy)
     engines = {name: load(model, progress=False, **policy) for name, policy in configs.items()}
     worker = None
     if baseline:
@@ -190,7 +207,7 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
         for name in names:
             for key in ("prefill_tok_s", "decode_tok_s"):
                 row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
-            row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row["edgekv dense"]["decode_tok_s"]
+            row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row[dense_of(name, names)]["decode_tok_s"]
         if llm:
             for name in names:
                 row[name]["vs_llamacpp"] = {key: row[name][key] / row["llama.cpp"][key]
@@ -199,7 +216,7 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
             old = row[f"{name} @{baseline}"]
             row[name]["vs_baseline"] = {key: row[name][key] / old[key] for key in ("prefill_tok_s", "decode_tok_s")}
         row["short_context_decode_tok_s"] = floor_tok_s
-        row["ceiling_vs_dense"] = floor_tok_s / row["edgekv dense"]["decode_tok_s"]
+        row["ceiling_vs_dense"] = floor_tok_s / row[dense_of("edgekv dense", names)]["decode_tok_s"]
         rows.append(row)
         print(f"  context {n:>6}: done", file=sys.stderr)
     for engine in (*engines.values(), ceiling):

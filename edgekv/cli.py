@@ -1,4 +1,4 @@
-"""The `edgekv` command line: generate, chat, info, bench, cache.
+"""The `edgekv` command line: generate, chat, info, bench, cache, tune.
 
 Every user-fixable problem becomes one `error: …` line on stderr and exit code 2.
 """
@@ -75,10 +75,12 @@ def user_errors() -> Iterator[None]:
 ModelOpt = typer.Option(None, "--model", help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct).")
 
 
-def policy_options(*keys: str) -> Callable:
+def policy_options(*keys: str, profile: bool = True) -> Callable:
     """Give a command the command-line options of policy keys (default: every key), built
-    from `Policy.cli_options` (flag, help, type); the command receives the ones the user
-    set as ``policy: dict`` (policy key -> value) instead of one parameter each."""
+    from `Policy.cli_options` (flag, help, type), and `--profile NAME|PATH` (a hardware
+    profile of `edgekv tune`); the command receives ``policy: dict`` (policy key -> value):
+    the profile's policy, checked against the command's --model and this machine, with
+    the flags the user set on top."""
     from .config import Policy
 
     options = Policy.cli_options()
@@ -88,12 +90,23 @@ def policy_options(*keys: str) -> Callable:
         @functools.wraps(fn)
         def command(*args, **kwargs):
             policy = {key: value for key in chosen if (value := kwargs.pop(key, None)) is not None}
+            named = kwargs.pop("profile", None)
+            if named is not None:
+                from .profiles import policy_from_profile
+
+                with user_errors():
+                    policy = policy_from_profile(named, kwargs.get("model"), overrides=policy)
             return fn(*args, policy=policy, **kwargs)
 
         own = [p for p in inspect.signature(fn).parameters.values() if p.name != "policy"]
         added = [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[options[key].type],
                                    default=typer.Option(None, options[key].flag, help=options[key].help))
                  for key in chosen]
+        if profile:
+            added.append(inspect.Parameter(
+                "profile", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str],
+                default=typer.Option(None, "--profile", help="A hardware profile (a shipped name, one `edgekv tune` "
+                                     "saved, or a .toml path): its policy, under the flags given here.")))
         command.__signature__ = inspect.signature(fn).replace(parameters=own + added)
         command.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "policy"},
                                    **{p.name: p.annotation for p in added}}
@@ -217,29 +230,67 @@ def bench_speed(
     plot: Path = typer.Option(Path("bench-speed.png"), "--plot", help="Where to write the PNG plot."),
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
     budgets: str = typer.Option("", "--budgets", help="Sparse budgets to time too (e.g. 10%,2048), vs edgekv dense."),
+    weight_bits: str = typer.Option("", "--weight-bits", help="Time every edgekv configuration at each of these "
+                                    "weight widths (e.g. 16,8,4; default: the model's own)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="A git ref of this checkout whose edgekv runs each "
                                            "configuration too, in turns (before/after a change)."),
     policy: dict = None,
 ) -> None:
-    """Prefill and decode tok/s of edgekv vs transformers' generate, side by side."""
-    threads = policy.get("threads")
+    """Prefill and decode tok/s of edgekv vs transformers' generate (and llama.cpp), side by
+    side; with --profile, the profile's policy is one more configuration."""
+    threads = policy.pop("threads", None)
     from .bench_speed import parse_contexts, run_speed_bench
     from .config import parse_budget
 
     with user_errors():
         budget_list = [parse_budget(b.strip()) for b in budgets.split(",") if b.strip()]
+        try:
+            bits_list = [int(b) for b in weight_bits.split(",") if b.strip()]
+        except ValueError:
+            raise EdgekvError(f"invalid --weight-bits {weight_bits!r}: give a list such as 16,8,4") from None
         rows = run_speed_bench(model, parse_contexts(contexts), decode_tokens=decode_tokens,
-                               plot=plot, threads=threads, budgets=budget_list, baseline=baseline)
+                               plot=plot, threads=threads, budgets=budget_list, baseline=baseline,
+                               weight_bits=bits_list, profile_policy=policy or None)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 
 
+@bench_app.command("prefill")
+@policy_options("threads", profile=False)
+def bench_prefill(
+    contexts: str = typer.Option("1024,2048,4096,8000", "--contexts", help="Comma-separated context lengths (tokens)."),
+    chunks: str = typer.Option("256,512,1024,2048", "--chunks", help="Comma-separated prefill chunk sizes to compare."),
+    repeats: int = typer.Option(2, "--repeats", help="Rounds per figure (the fastest is kept)."),
+    transformers: bool = typer.Option(True, "--transformers/--no-transformers", help="Time transformers' forward too."),
+    model: Optional[str] = ModelOpt,
+    plot: Path = typer.Option(Path("bench-prefill.png"), "--plot", help="Where to write the PNG plot."),
+    stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
+    policy: dict = None,
+) -> None:
+    """Prefill tok/s over context and chunk size: exact KV, 4-bit tiers and transformers."""
+    from .bench_prefill import run_prefill_bench
+    from .bench_speed import parse_contexts
+
+    with user_errors():
+        report = run_prefill_bench(model, parse_contexts(contexts), parse_contexts(chunks, "--chunks"),
+                                   repeats=repeats, transformers=transformers, plot=plot,
+                                   threads=policy.get("threads"))
+        if stats_json:
+            write_json(stats_json, report)
+
+
 @bench_app.command("quality")
-@policy_options("dense_layers", "sink_blocks", "speculate")
+@policy_options("dense_layers", "sink_blocks", "speculate", profile=False)
 def bench_quality(
-    kv_bits: str = typer.Option("16,8,4,2", "--kv-bits", help="Comma-separated KV bit widths to compare."),
+    kv_bits: str = typer.Option("16,8,4,2", "--kv-bits", help="Comma-separated KV bit widths to compare (16, 8, 4, 2)."),
     budgets: str = typer.Option("all", "--budgets", help="Comma-separated attention budgets (all, 2048, 10%)."),
-    tasks: str = typer.Option("ppl,agreement", "--tasks", help="Any of ppl, agreement, passkey."),
+    weight_bits: str = typer.Option("auto", "--weight-bits", help="Comma-separated weight bit widths to compare "
+                                    "(16, 8, 4; auto: the model's own). The dense reference keeps the model's own."),
+    tasks: str = typer.Option("kld,ppl,agreement", "--tasks",
+                              help="Any of kld, ppl, agreement, passkey, extract (comma-separated)."),
+    kld_docs: int = typer.Option(4, "--kld-docs", help="kld: documents (even offsets through the text)."),
+    kld_context: int = typer.Option(8192, "--kld-context", help="kld: tokens of each document."),
+    kld_tokens: int = typer.Option(256, "--kld-tokens", help="kld: last tokens of each document scored as decode steps."),
     ppl_context: int = typer.Option(8192, "--ppl-context", help="Tokens of the perplexity document."),
     score_tokens: int = typer.Option(512, "--score-tokens", help="Last tokens scored as decode steps."),
     agreement_doc: int = typer.Option(1024, "--agreement-doc", help="Tokens of the document summarised."),
@@ -247,6 +298,11 @@ def bench_quality(
     agreement_docs: int = typer.Option(4, "--agreement-docs", help="Documents summarised (even offsets through the text)."),
     passkey_context: str = typer.Option("4096", "--passkey-context", help="Tokens of each passkey haystack (comma-separated for several)."),
     passkey_trials: int = typer.Option(25, "--passkey-trials", help="Passkey trials per context (depths cycle 5%..95%)."),
+    extract_contexts: str = typer.Option("4096", "--extract-contexts", help="extract: tokens of each source document "
+                                         "(comma-separated for several)."),
+    extract_trials: int = typer.Option(25, "--extract-trials", help="extract: questions per context (depths cycle 5%..95%)."),
+    extract_kinds: str = typer.Option("default", "--extract-kinds", help="extract: question kinds, default (a "
+                                      "parameter's default value) and/or return (what a function returns)."),
     scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
     head_budgets: str = typer.Option("auto", "--head-budgets", help="Comma-separated head budgets (auto, adaptive, uniform) to compare at sparse budgets."),
     model: Optional[str] = ModelOpt,
@@ -254,16 +310,22 @@ def bench_quality(
     stats_json: Optional[Path] = typer.Option(None, "--stats-json", help="Write the figures as JSON here."),
     policy: dict = None,
 ) -> None:
-    """Perplexity, greedy agreement and passkey retrieval of each KV configuration vs dense."""
+    """KL divergence from dense, perplexity, agreement, passkey and extraction of each configuration."""
     from .bench_quality import parse_configs, run_quality_bench
     from .bench_speed import parse_contexts
 
     with user_errors():
-        configs = parse_configs(kv_bits, budgets, scorers, head_budgets, **policy)
+        configs = parse_configs(kv_bits, budgets, scorers, head_budgets, weight_bits, **policy)
         rows = run_quality_bench(model, configs, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+                                 kld_docs=kld_docs, kld_context=kld_context, kld_tokens=kld_tokens,
                                  ppl_context=ppl_context, score_tokens=score_tokens, agreement_doc=agreement_doc,
-                                 agreement_tokens=agreement_tokens, passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
-                                 passkey_trials=passkey_trials, plot=plot, agreement_docs=agreement_docs)
+                                 agreement_tokens=agreement_tokens, agreement_docs=agreement_docs,
+                                 passkey_contexts=parse_contexts(passkey_context, "--passkey-context"),
+                                 passkey_trials=passkey_trials,
+                                 extract_contexts=parse_contexts(extract_contexts, "--extract-contexts"),
+                                 extract_trials=extract_trials,
+                                 extract_kinds=tuple(k.strip() for k in extract_kinds.split(",") if k.strip()),
+                                 plot=plot)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 
@@ -365,6 +427,15 @@ def _mount_cache_app() -> None:
 
 
 _mount_cache_app()
+
+
+def _mount_tune() -> None:
+    from .tune_cli import tune_command
+
+    app.command("tune")(tune_command)
+
+
+_mount_tune()
 
 
 def main() -> None:

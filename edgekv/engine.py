@@ -13,6 +13,8 @@ processes the new tokens.
 
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -26,6 +28,7 @@ from .errors import EdgekvError
 from .kvcache import PagedKVCache
 from .loader import ModelSource, cache_root, load_config, load_tokenizer, resolve_model
 from .model import Decoder, KVCache
+from .recompute import RecomputePlan, RecomputeSplit, choose_split
 from .sampling import sample_next
 from .speculation import Speculator
 from .textstream import TextStream, find_stop
@@ -129,6 +132,7 @@ class Engine:
         self.shape = self.model.shape
         self.eos_ids = self._eos_ids()
         self.speculator: Speculator | None = None  # the decode steps' layer hook, when speculating
+        self.recompute_split: RecomputeSplit | None = None  # the recompute share in use, and why
         self.kv = self._new_cache()
         self.cached_ids: list[int] = []  # token ids whose KV is in self.kv
 
@@ -158,16 +162,19 @@ class Engine:
     def _new_cache(self) -> KVCache:
         s, p = self.shape, self.policy
         if not p.offload:
-            self.speculator = None
+            self.speculator = self.recompute_split = None
             return PagedKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                                 block_size=p.block_size, dtype=self.dtype, device=self.device)
         disk_dir = (p.disk_dir or str(cache_root() / "kv")) if p.disk_bytes else None
+        self.recompute_split = split = choose_split(p.recompute, s, kv_bits=p.kv_bits, recompute_bits=p.recompute_bits,
+                                                    device=self.device, block_size=p.block_size)
+        plan = RecomputePlan(split.share, p.recompute_bits, s.hidden_size, self.model.key_values) if split.share else None
         cache = TieredKVCache(num_layers=s.num_layers, num_kv_heads=s.num_kv_heads, head_dim=s.head_dim,
                               max_context=s.max_context, block_size=p.block_size, kv_bits=p.kv_bits,
                               recent_window=p.recent_window, device_cache_bytes=p.device_cache_bytes,
                               ram_bytes=p.ram_bytes, disk_dir=disk_dir, disk_bytes=p.disk_bytes,
                               dtype=self.dtype, device=self.device, rope_inv_freq=self.model.inv_freq,
-                              scorer=p.scorer, backend=self.backend)
+                              scorer=p.scorer, backend=self.backend, recompute=plan)
         self._configure_selection(cache)
         return cache
 
@@ -181,12 +188,13 @@ class Engine:
 
     # ---- policy and state -------------------------------------------------------------
     KV_LAYOUT_KEYS = ("block_size", "offload", "kv_bits", "recent_window", "device_cache_bytes",
-                      "ram_bytes", "disk_dir", "disk_bytes", "kernels", "scorer")
+                      "ram_bytes", "disk_dir", "disk_bytes", "kernels", "scorer", "recompute", "recompute_bits")
 
     def update_policy(self, **changes: object) -> None:
         """Change policy keys (validated); a change to the KV layout drops the kept KV."""
-        if {"device", "dtype", "weight_dtype"} & set(changes):
-            raise EdgekvError("device, dtype and weight_dtype are fixed when the model loads: load it again to change them")
+        if {"device", "dtype", "weight_dtype", "weight_bits"} & set(changes):
+            raise EdgekvError("device, dtype, weight_dtype and weight_bits are fixed when the model loads: "
+                              "load it again to change them")
         new = self.policy.replace(**changes)
         layout_changed = any(getattr(new, k) != getattr(self.policy, k) for k in self.KV_LAYOUT_KEYS)
         old, self.policy = self.policy, new
@@ -414,4 +422,5 @@ class Engine:
             "finish_reason": finish,
             "model": self.model_name,
             "device": str(self.device),
+            "policy": {**dataclasses.asdict(self.policy), "weight_bits": self.weight_bits},
         }

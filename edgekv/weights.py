@@ -11,8 +11,8 @@ Where the model came from a GGUF file, its blocks are taken over exactly when th
 type maps onto the format at those bits (`kernels.qlinear.from_gguf`: Q4_0/Q4_1/Q4_K at
 4 bits, Q8_0/Q5_x/Q6_K at 8): the weights are then the very values of the file, with
 no second rounding. Other tensors are quantized from the float weights
-(`quantize_weight`). The result is cached beside the converted model
-(``quantized-4bit.safetensors``) so a second load reads it directly.
+(`quantize_weight`). The result is cached under the edgekv cache folder
+(``quantized/<model>-<identity>/4bit.safetensors``) so a second load reads it directly.
 
 `LazyState` reads a safetensors folder one tensor at a time, so quantizing a large model
 never holds all of its float weights at once.
@@ -129,8 +129,12 @@ def gguf_quantized(path: Path, config, weight_bits: int) -> dict:
 
 # ---- the cache beside the converted model --------------------------------------------------------
 
-def _cache_file(folder: Path, weight_bits: int) -> Path:
-    return folder / f"quantized-{weight_bits}bit.safetensors"
+def _cache_file(source, weight_bits: int) -> Path:
+    """<edgekv cache>/quantized/<model>-<identity>/<bits>bit.safetensors: never inside the
+    model's folder (it may be read-only, and its files are what identifies the model)."""
+    from .loader import cache_root
+
+    return cache_root() / "quantized" / f"{source.name}-{source.identity}" / f"{weight_bits}bit.safetensors"
 
 
 def _save(file: Path, weights: dict) -> None:
@@ -143,8 +147,12 @@ def _save(file: Path, weights: dict) -> None:
             if t is not None:
                 tensors[f"{name}::{part}"] = t.contiguous()
         forms[name] = [qw.bits, qw.in_features, qw.group_size, qw.super_groups]
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
-    os.close(fd)
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.", dir=file.parent)
+        os.close(fd)
+    except OSError:
+        return  # a cache that cannot be written is rebuilt next time
     try:
         save_file(tensors, tmp, metadata={"edgekv": json.dumps({"format": CACHE_FORMAT, "forms": forms})})
         os.replace(tmp, file)
@@ -209,7 +217,7 @@ def load_weights(source, config, weight_bits: int) -> Mapping:
     floats = LazyState(source.folder)
     if weight_bits == 16:
         return floats
-    cache = _cache_file(source.folder, weight_bits)
+    cache = _cache_file(source, weight_bits)
     cached = _load(cache)
     if cached is not None:
         return QuantizedState(floats, cached, weight_bits)

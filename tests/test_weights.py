@@ -12,6 +12,7 @@ from edgekv.config import Policy
 from edgekv.errors import EdgekvError
 from edgekv.kernels.qlinear import QuantizedWeight
 from edgekv.shapes import random_engine, shape_config
+from edgekv.loader import load_config
 from edgekv.weights import LazyState, gguf_source, load_weights, quantized_bits, weight_bytes, weights_nbytes
 
 runner = CliRunner()
@@ -53,7 +54,7 @@ def test_the_embedded_model_at_4_bits_holds_its_gguf_blocks_exactly(embedded_sou
     """The GGUF stores every projection as Q4_1: the 4-bit weights are the file's values,
     which the converted float weights are too."""
     assert gguf_source(embedded_source.folder) is not None
-    config = edgekv.engine.load_config(embedded_source)
+    config = load_config(embedded_source)
     state = load_weights(embedded_source, config, 4)
     floats = LazyState(embedded_source.folder)
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
@@ -65,12 +66,19 @@ def test_the_embedded_model_at_4_bits_holds_its_gguf_blocks_exactly(embedded_sou
     assert head.bits == 8 and torch.equal(head.dequantize(), floats["model.embed_tokens.weight"].float())
 
 
-def test_quantized_weights_are_cached_beside_the_model(embedded_source, monkeypatch):
+def test_quantized_weights_are_cached_outside_the_model_folder(embedded_source, monkeypatch):
+    """The cache lives under the edgekv cache folder: the model's folder (what identifies
+    the model) is left as it was."""
     import edgekv.weights as weights
+    from edgekv.loader import resolve_model
 
-    config = edgekv.engine.load_config(embedded_source)
+    config = load_config(embedded_source)
+    weights._cache_file(embedded_source, 4).unlink(missing_ok=True)
+    before = sorted(embedded_source.folder.iterdir())
     first = load_weights(embedded_source, config, 4)
-    assert (embedded_source.folder / "quantized-4bit.safetensors").is_file()
+    assert weights._cache_file(embedded_source, 4).is_file()
+    assert sorted(embedded_source.folder.iterdir()) == before
+    assert resolve_model(None).identity == embedded_source.identity
     monkeypatch.setattr(weights, "gguf_quantized", lambda *a: pytest.fail("the cache was not used"))
     second = load_weights(embedded_source, config, 4)
     name = "model.layers.3.mlp.gate_proj.weight"
