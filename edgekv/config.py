@@ -14,6 +14,7 @@ from .backends import BACKENDS
 from .errors import EdgekvError
 
 KV_BITS = (2, 4, 8, 16)
+RECOMPUTE_BITS = (16, 8)
 WEIGHT_BITS = (4, 8, 16)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -42,6 +43,25 @@ SCORERS = {
 SCORER_NAMES = tuple(SCORERS)
 MASS_SCORERS = tuple(name for name, traits in SCORERS.items() if traits.mass)
 HEAD_BUDGETS = ("auto", "adaptive", "uniform")
+
+
+def parse_recompute(value: float | str) -> float | str:
+    """A recompute share: a number in [0, 1] (or a percentage, "50%"), or "auto".
+
+    Returns a float, or "auto"."""
+    problem = f"invalid recompute {value!r}: use a share of the offloaded blocks in [0, 1] (0.5 or 50%) or 'auto'"
+    if isinstance(value, bool):
+        raise EdgekvError(problem)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        share = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise EdgekvError(problem) from None
+    if not 0 <= share <= 1:
+        raise EdgekvError(problem)
+    return share
 
 
 def parse_budget(value: int | str) -> int | str:
@@ -125,6 +145,12 @@ class Policy:
     speculate: request layer l+1's blocks from an approximate query made at layer l
         (True, False, or "auto": on with CUDA, where the prefetch overlaps PCIe
         transfers; off on the CPU, where it would only add a second scoring pass).
+    recompute: share of the offloaded blocks (0..1, or "50%") whose layer inputs are
+        stored instead of their K/V, which decode steps recompute on the device with the
+        layer's projections (`edgekv.recompute`, KVPR); "auto": the share
+        `recompute.recompute_split` finds for this model, bit widths and device (off on
+        the CPU, for GQA models and for compressed KV). 0: off.
+    recompute_bits: bits of those stored inputs, 16 or 8 (8: a scale per channel and block).
     kernels: attention/compression kernels of the offloaded cache: "triton", "numba"
         (compiled CPU kernels for block scoring and sparse attention), "torch" (the
         reference twins) or "auto" (Triton on CUDA, numba on the CPU).
@@ -157,6 +183,9 @@ class Policy:
     dense_layers: int = _option(0, "--dense-layers", "First layers that attend every block (default 0).", int)
     speculate: bool | str = _option("auto", "--speculate/--no-speculate",
                                     "Prefetch a layer's blocks one layer early (default: on with CUDA).", bool)
+    recompute: float | str = _option(0.0, "--recompute", "Share of offloaded blocks whose K/V are recomputed from "
+                                     "stored layer inputs instead of fetched: 0 (default), 0..1, 50% or auto.")
+    recompute_bits: int = _option(16, "--recompute-bits", "Bits of the stored layer inputs: 16 (default) or 8.", int)
     kernels: str = _option("auto", "--kernels", f"Decode backend: auto (triton on CUDA, numba on CPU), "
                            f"{', '.join(BACKENDS)}.")
     threads: int = _option(0, "--threads", "CPU threads for torch (default: torch's choice).", int)
@@ -201,6 +230,12 @@ class Policy:
         _require_int("dense_layers", self.dense_layers, minimum=0)
         if not isinstance(self.speculate, bool) and self.speculate != "auto":
             raise EdgekvError(f"invalid speculate {self.speculate!r}: must be true, false or 'auto'")
+        object.__setattr__(self, "recompute", parse_recompute(self.recompute))
+        if isinstance(self.recompute_bits, bool) or self.recompute_bits not in RECOMPUTE_BITS:
+            raise EdgekvError(f"invalid recompute_bits {self.recompute_bits!r}: use 16 or 8")
+        if not self.offload and self.recompute not in (0, "auto"):
+            raise EdgekvError(f"recompute {self.recompute!r} recomputes blocks of the offloaded KV cache, and offload "
+                              f"is off: drop --no-offload, or use recompute 0")
 
     @property
     def adaptive_heads(self) -> bool:

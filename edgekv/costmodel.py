@@ -11,7 +11,8 @@ A decode step is a sum of terms (`decode_terms`), in seconds per token:
     speculation  the next layer's query, made early        its weight bytes / matvec GB/s
     fetch_ram    device-cache misses with a RAM home       bytes / the store's RAM-fetch GB/s
     fetch_disk   misses with a disk home                   bytes / disk GB/s + runs x latency
-    recompute    RESERVED (`recompute_term`): K/V recomputed from stored activations (KVPR)
+    recompute    activation rows of recompute blocks fetched,  their bytes / link GB/s + projection
+                 their K/V rebuilt (KVPR, `edgekv.recompute`)  flops / GEMM rate
     hidden       minus the fetch hidden behind compute     overlap x min(hideable fetch, compute)
 
 A prefill (`prefill_terms`) is chunked and compute-bound: linear layers (2 x params x
@@ -351,19 +352,42 @@ def select_s_per_block(hw, scorer: str) -> float:
     return (hw.select_mass_s_per_block if scorer == "mass" else 0.0) or hw.select_keys4_s_per_block
 
 
-def recompute_term(shape: ModelShape, policy: Policy, miss_rows: float, hw, cal: Calibration) -> float:
-    """Seconds per decode step recomputing offloaded K/V from stored activations instead of
-    fetching them (KVPR; policy key `recompute`: the share of missed blocks recomputed).
+def recompute_share(shape: ModelShape, policy: Policy, hw, device_type: str) -> float:
+    """The share of offloaded blocks whose K/V is rebuilt from activation rows: the policy's
+    `recompute`, or for "auto" `edgekv.recompute.recompute_split` with this machine's link
+    (pinned host->device GB/s; 0 on a CPU, where rows are read in place) and GEMM rate."""
+    if policy.recompute != "auto":
+        return float(policy.recompute)
+    return recompute_decision(shape, policy, hw, device_type).share
 
-    RESERVED: recomputation has not landed, so this is 0 and the fetch terms carry every
-    miss. When it lands: recompute x miss_rows x (flops of one row's K/V projection / GEMM
-    rate), and the fetch terms shrink by the same share (`_fetch_share`)."""
-    return 0.0
+
+def recompute_decision(shape: ModelShape, policy: Policy, hw, device_type: str):
+    """`edgekv.recompute.recompute_split` for this policy's bit widths on this machine."""
+    from .recompute import recompute_split
+
+    link = hw.h2d_gbps if device_type == "cuda" else 0.0
+    gemm = hw.device_gemm_gflops if device_type == "cuda" else hw.matmul_gflops
+    return recompute_split(shape, policy.kv_bits, policy.recompute_bits, link, gemm, block_size=policy.block_size)
 
 
-def _fetch_share(policy: Policy) -> float:
-    """Share of missed rows that are fetched (the rest recomputed, once `recompute` lands)."""
-    return 1.0 - float(getattr(policy, "recompute", 0.0) or 0.0)
+def recompute_term(shape: ModelShape, policy: Policy, share: float, fetched_blocks: float, hw, device_type: str,
+                   cal: Calibration) -> tuple[float, float]:
+    """(link seconds, GEMM seconds) per decode step for the recompute blocks among
+    `fetched_blocks` (KV head, block) reads: a share `share` of them come as activation
+    rows (one per block and layer, serving every KV head) over the link (the RAM fetch
+    rate on a CPU), then their k/v projections run at the GEMM rate — while the other
+    blocks' K/V rows stream (`decode_terms` overlaps the two, as `recompute_split` does)."""
+    if not share or not fetched_blocks:
+        return 0.0, 0.0
+    from .recompute import token_bytes
+
+    s = shape
+    tokens = share * fetched_blocks / s.num_kv_heads * policy.block_size  # activation rows: one per (layer, block)
+    _, act_per_token = token_bytes(s, policy.kv_bits, policy.recompute_bits, policy.block_size)
+    link = (hw.h2d_gbps if device_type == "cuda" else 0.0) or hw.tier_ram_fetch_gbps
+    gemm = (hw.device_gemm_gflops if device_type == "cuda" else 0.0) or hw.matmul_gflops
+    flops = tokens * 2 * s.hidden_size * 2 * s.num_kv_heads * s.head_dim
+    return tokens * act_per_token / (link * GB) * cal.fetch_scale, flops / (gemm * GB)
 
 
 def decode_terms(shape: ModelShape, policy: Policy, context: int, hw, cal: Calibration,
@@ -401,13 +425,17 @@ def decode_terms(shape: ModelShape, policy: Policy, context: int, hw, cal: Calib
     pl = pl or placement(s, p, context, device_type)
     reads = max(0, attended - L * hkv) if nb else 0
     fresh = cal.selection_churn * sparse * hkv * k
-    misses = (fresh if reads <= pl.device_rows else reads) * _fetch_share(p)
+    share = recompute_share(s, p, hw, device_type)
+    missed = fresh if reads <= pl.device_rows else reads
+    misses = missed * (1 - share)  # the rest come back as activation rows
     disk_share = pl.disk_rows / pl.rows if pl.rows else 0.0
     ram_bytes, disk_bytes = misses * (1 - disk_share) * rb, misses * disk_share * rb
     runs = misses * disk_share if sparse else math.ceil(misses * disk_share / 1024)  # one preadv per run of slots
     t["fetch_ram"] = ram_bytes / (hw.tier_ram_fetch_gbps * GB) * cal.fetch_scale  # s
     t["fetch_disk"] = (disk_bytes / (hw.disk_read_gbps * GB) + runs * hw.disk_read_latency_s) * cal.fetch_scale  # s
-    t["recompute"] = recompute_term(s, p, misses, hw, cal)  # s (reserved)
+    link_s, gemm_s = recompute_term(s, p, share, missed, hw, device_type, cal)
+    # the activations cross first; the projections then run while the other rows stream
+    t["recompute"] = link_s + max(0.0, gemm_s - t["fetch_ram"] - t["fetch_disk"])  # s
     t["hidden"] = -_hidden(t, shape, p, device_type, spec, sparse, cal)  # s
     return t, notes
 

@@ -14,7 +14,6 @@ processes the new tokens.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import time
 from collections.abc import Callable, Generator, Sequence

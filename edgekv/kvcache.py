@@ -87,8 +87,8 @@ class PagedKVCache:
     persistent = False  # the dense reference is not kept in the document cache
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               k_pre: torch.Tensor | None = None) -> torch.Tensor:
-        """Store the rotated k and v of the new tokens, attend with q (k_pre is not needed)."""
+               k_pre: torch.Tensor | None = None, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Store the rotated k and v of the new tokens, attend with q (k_pre and h are not needed)."""
         end = self.length + k.shape[1]
         self._ensure_blocks(end)
         self._write(self.k_pool[layer], self.length, k)

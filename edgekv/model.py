@@ -67,12 +67,14 @@ class KVCache(Protocol):
     persistent: bool  # whether export_state / import_state keep it (the document cache)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               k_pre: torch.Tensor) -> torch.Tensor:
+               k_pre: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Store k, v for the new tokens of `layer` and attend with q over everything stored.
 
         q: [num_heads, T, head_dim] and k: [num_kv_heads, T, head_dim] rotated to their
         positions; k_pre: the same keys before rotation (the rope scale applied: rotating
-        k_pre gives k); v: [num_kv_heads, T, head_dim]. Returns [num_heads, T, head_dim].
+        k_pre gives k); v: [num_kv_heads, T, head_dim]; h: the layer's normed input
+        [T, hidden] that k and v were projected from (a cache that recomputes K/V keeps
+        it, `edgekv.recompute`; others ignore it). Returns [num_heads, T, head_dim].
         The new tokens sit at positions `length .. length+T-1`, where `length` is the
         count before this forward pass.
         """
@@ -255,6 +257,7 @@ class Decoder(torch.nn.Module):
         inv_freq, self.rope_scale = rope_inverse_frequencies(config)
         self.inv_freq = inv_freq.to(device)
         self.dtype, self.device = dtype, device
+        self._kv_weights: dict = {}  # layer -> its k/v projection rows (`key_values`), made on demand
 
     def weights(self) -> list:
         """Every weight the decoder holds, once each (tensors and `QuantizedWeight`s)."""
@@ -308,7 +311,7 @@ class Decoder(torch.nn.Module):
             if self.rope_scale != 1.0:
                 k_pre = k_pre * self.rope_scale
             v = v.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
-            attn = kv.attend(i, qk[:s.num_heads], qk[s.num_heads:], v, k_pre)  # [Hq, T, D]
+            attn = kv.attend(i, qk[:s.num_heads], qk[s.num_heads:], v, k_pre, h)  # [Hq, T, D]
             x = x + linear(attn.transpose(0, 1).reshape(T, q_rows), w["o"], w["o_bias"])
             h = self._rms_norm(x, w["ln2"])
             gate, up = linear(h, w["gate_up"], w["gate_up_bias"]).chunk(2, dim=-1)
@@ -323,6 +326,33 @@ class Decoder(torch.nn.Module):
         bias = None if w["qkv_bias"] is None else w["qkv_bias"][:q_rows]
         q = linear(h, w["q"], bias).reshape(h.shape[0], s.num_heads, s.head_dim).transpose(0, 1)
         return q * cos + _rotate_half(q) * sin
+
+    def key_values(self, layer: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys before RoPE (the rope scale applied) and values of `layer` for normed
+        inputs h [T, hidden]: each [num_kv_heads, T, head_dim], what `forward` hands the
+        cache as k_pre and v (recomputation, `edgekv.recompute`)."""
+        s, w = self.shape, self.layers[layer]
+        q_rows, kv_rows = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        bias = None if w["qkv_bias"] is None else w["qkv_bias"][q_rows:]
+        k, v = linear(h, self._kv_weight(layer), bias).split(kv_rows, dim=-1)
+        T = h.shape[0]
+        k_pre = k.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+        if self.rope_scale != 1.0:
+            k_pre = k_pre * self.rope_scale
+        return k_pre, v.reshape(T, s.num_kv_heads, s.head_dim).transpose(0, 1)
+
+    def _kv_weight(self, layer: int):
+        """The k and v rows of layer's stacked projection: a view of float weights; for a
+        quantized one a copy, made at the first call (only a recomputing cache asks)."""
+        cache = self._kv_weights
+        if layer not in cache:
+            qkv = self.layers[layer]["qkv"]
+            q_rows = self.shape.num_heads * self.shape.head_dim
+            if isinstance(qkv, QuantizedWeight):
+                cache[layer] = qkv.take_rows(torch.arange(q_rows, qkv.out_features, device=qkv.device))
+            else:
+                cache[layer] = qkv[q_rows:]
+        return cache[layer]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[T, hidden] -> float32 logits [T, vocab]."""

@@ -37,7 +37,9 @@ def layout_tag(engine) -> str:
     """Everything besides model, tokens and block size that decides the cached bytes."""
     p = engine.policy
     dtypes = "-".join(str(t).removeprefix("torch.") for t in (engine.dtype, engine.weight_dtype))
-    return f"kv{p.kv_bits}-window{p.recent_window}-{dtypes}"
+    split = getattr(engine, "recompute_split", None)
+    recompute = f"-recompute{split.share:g}x{p.recompute_bits}" if split is not None and split.share else ""
+    return f"kv{p.kv_bits}-window{p.recent_window}-{dtypes}{recompute}"
 
 
 def warm_prefix(engine, cache: DocumentCache, prefix: list[int],

@@ -32,8 +32,6 @@ EMBEDDED = ("SmolLM2-135M-Instruct.Q4_1", "174b85b4086a63f9bd409688")  # name, M
 
 _README = ("figures quoted in README.md at commit 19547d7: edgekv bench quality, 4 documents of 7.4K "
            "tokens at even offsets through the pydoc text, 64 tokens each (2026-12)")
-_RUN = ("edgekv bench quality --kv-bits 8,4,2 --budgets all,5%,25% --tasks agreement --agreement-docs 2 "
-        "--agreement-doc 4000 --agreement-tokens 32 (2026-12-03, edgekv at 19547d7 + work in progress)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +55,17 @@ class QualityEntry:
         return 1.0 if self.budget == "all" else float(self.budget[:-1]) / 100
 
 
+_KLD = ("edgekv bench quality --tasks kld --kld-docs 2 --kld-context 8000 --kld-tokens 128 --kv-bits 4 "
+        "--budgets all,5%,10%,2048 --scorers keys4, and --kv-bits 16,8 --budgets all (2026-12-03); "
+        "budget 2048 of 8000 tokens filed as 25%")
+
 ENTRIES: tuple[QualityEntry, ...] = (
-    QualityEntry(*EMBEDDED, 4, "all", "-", 0.96, None, None, 7400, 4, _README),
-    QualityEntry(*EMBEDDED, 4, "10%", "keys4", 0.90, None, 1.02, 7400, 4, _README),
+    QualityEntry(*EMBEDDED, 16, "all", "-", 1.00, 1e-6, 0.9999, 8000, 2, _KLD),
+    QualityEntry(*EMBEDDED, 8, "all", "-", 1.00, 2.9e-5, 0.9986, 8000, 2, _KLD),
+    QualityEntry(*EMBEDDED, 4, "all", "-", 0.965, 0.0119, 1.026, 8000, 2, _KLD),
+    QualityEntry(*EMBEDDED, 4, "5%", "keys4", 0.902, 0.0743, 1.094, 8000, 2, _KLD),
+    QualityEntry(*EMBEDDED, 4, "10%", "keys4", 0.930, 0.0379, 1.070, 8000, 2, _KLD),
+    QualityEntry(*EMBEDDED, 4, "25%", "keys4", 0.957, 0.0163, 1.035, 8000, 2, _KLD),
     QualityEntry(*EMBEDDED, 4, "10%", "mass", 0.92, None, 0.99, 7400, 4, _README),
 )
 
@@ -120,14 +126,30 @@ def _default(kv_bits: int, fraction: float, scorer: str) -> QualityVerdict:
     return QualityVerdict(True, None, f"default: {kv_bits}-bit KV at a budget of at least 10% ({scorer})")
 
 
-def judge_weights(bits: int, *, pinned: bool = False) -> QualityVerdict:
-    """May weights of `bits` bits be planned? 16 and 8 bits (per-group scales: within noise of
-    16-bit in published studies) always; 4 bits only when the user pins it (`--fix
-    weight_bits=4`): nothing here has measured 4-bit weights on any model yet."""
+_WEIGHTS = ("edgekv bench quality --tasks kld --kld-docs 2 --kld-context 4096 --kld-tokens 128 --weight-bits 16,8,4 "
+            "--kv-bits 16 --budgets all (2026-12-03)")
+WEIGHT_ENTRIES = {  # (model, identity) -> {bits: (top-1 agreement, KLD)} vs the model's own weights
+    EMBEDDED: {16: (1.00, 1.2e-5), 8: (0.973, 1.3e-3), 4: (1.00, 0.0)},  # 4: the GGUF's Q4_1 blocks, exact
+}
+
+
+def judge_weights(bits: int, *, pinned: bool = False, model: str = "", identity: str = "") -> QualityVerdict:
+    """May weights of `bits` bits be planned? Where `edgekv bench quality` measured them on
+    this model (`WEIGHT_ENTRIES`), when they keep the floor's agreement; elsewhere 16 and 8
+    bits (per-group scales: within noise of 16-bit in published studies) always, 4 bits
+    only when the user pins it (`--fix weight_bits=4`)."""
+    measured = next((v for (name, ident), v in WEIGHT_ENTRIES.items()
+                     if (ident == identity if ident and identity else name == model)), {})
+    if bits in measured:
+        top1, kld = measured[bits]
+        source = f"measured: {bits}-bit weights: top-1 {top1:.3f}, KLD {kld:.1e} ({_WEIGHTS})"
+        if top1 >= DEFAULT_FLOOR or pinned:
+            return QualityVerdict(True, top1, source)
+        return QualityVerdict(False, top1, source, f"{bits}-bit weights measured below the floor")
     if bits >= 8 or pinned:
         return QualityVerdict(True, None, f"default: {bits}-bit weights")
     return QualityVerdict(False, None, "default: 4-bit weights only when pinned",
-                          "4-bit weights are not planned unless pinned (--fix weight_bits=4): not measured yet")
+                          "4-bit weights are not planned unless pinned (--fix weight_bits=4) or measured on this model")
 
 
 def quality_rank(offload: bool, kv_bits: int, fraction: float, agreement: float | None) -> tuple:

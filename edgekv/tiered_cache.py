@@ -25,6 +25,10 @@ This cache owns the data and the policy of a decode step — how many blocks it 
 decode backend (`edgekv.backends`, one per device): select blocks, attend them and the
 exact tokens. A prefill chunk decodes every row into a reusable scratch buffer and
 attends densely (`edgekv.attention`, flash-style). Row ids: `KVLayout.row_ids`.
+
+With a `RecomputePlan`, a share of the blocks (`KVLayout.recomputed`) keep their layer
+inputs instead of K/V rows (`edgekv.recompute.Recompute`, which owns them and makes
+their K/V rows again when they are read); the budgets are split between the two stores.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .kernels import compress_blocks
 from .kernels.rope import rotate_keys
 from .kvstate import ExactKV, KVLayout
 from .quant import BlockCodec
+from .recompute import Recompute, RecomputePlan, recompute_pattern, split_budgets
 from .rotation import rotate, value_rotation
 from .selection import SCORERS, BlockSummaries, budget_blocks
 from .sizes import format_size
@@ -53,29 +58,41 @@ class TieredKVCache:
                  block_size: int, kv_bits: int, recent_window: int, device_cache_bytes: int,
                  ram_bytes: int, disk_dir: str | None, disk_bytes: int, dtype: torch.dtype,
                  device: torch.device, rope_inv_freq: torch.Tensor, scorer: str = "keys4",
-                 backend: str = "torch"):
+                 backend: str = "torch", recompute: RecomputePlan | None = None):
         codec = BlockCodec(bits=kv_bits, block_size=block_size, head_dim=head_dim)
+        max_blocks = -(-max_context // block_size)
         self.layout = lay = KVLayout(
             num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size,
-            max_blocks=-(-max_context // block_size), codec=codec, dtype=dtype, device=device,
+            max_blocks=max_blocks, codec=codec, dtype=dtype, device=device,
             rope_inv_freq=rope_inv_freq.to(device=device, dtype=torch.float32),
-            value_basis=value_rotation(head_dim, kv_bits, device))
+            value_basis=value_rotation(head_dim, kv_bits, device),
+            recomputed=None if recompute is None else recompute_pattern(recompute.share, max_blocks))
         self.recent_window = recent_window
-        layer_rows = num_kv_heads * lay.max_blocks
-        check_budgets(codec.row_bytes, min_ram_rows=layer_rows, device_cache_bytes=device_cache_bytes,
-                      ram_bytes=ram_bytes, disk_bytes=disk_bytes, has_disk=disk_dir is not None)
-        if device_cache_bytes < layer_rows * codec.row_bytes:
-            need = layer_rows * codec.row_bytes
+        kind = backend_class(backend)
+        options = kind.store_options(lay)
+        layer_rows = num_kv_heads * (lay.max_blocks - lay.num_recomputed)  # K/V rows one layer stores
+        act_row = 0 if recompute is None else Recompute.act_row_bytes(recompute, lay)
+        act_bytes = lay.num_recomputed * act_row
+        kv_budgets, act_budgets = split_budgets(layer_rows * codec.row_bytes, act_bytes, act_row,
+                                                device=device_cache_bytes, ram=ram_bytes, disk=disk_bytes)
+        check_budgets(codec.row_bytes, min_ram_rows=layer_rows + -(-act_bytes // codec.row_bytes),
+                      device_cache_bytes=device_cache_bytes, ram_bytes=ram_bytes, disk_bytes=disk_bytes,
+                      has_disk=disk_dir is not None)
+        device_rows = layer_rows + options.get("scratch_rows", 0)
+        if kv_budgets["device"] < device_rows * codec.row_bytes:
+            need = -(-device_rows * codec.row_bytes * device_cache_bytes // max(kv_budgets["device"], 1))
             raise BudgetError(f"device cache budget {format_size(device_cache_bytes)} is too small: one layer's "
                               f"KV blocks at full context need {format_size(need)}; raise --device-cache to at least that")
-        kind = backend_class(backend)
-        self.store = TierStore(codec.row_bytes, device_cache_bytes=device_cache_bytes, ram_bytes=ram_bytes,
-                               disk_dir=disk_dir, disk_bytes=disk_bytes, device=device, **kind.store_options(lay))
+        self.store = TierStore(codec.row_bytes, device_cache_bytes=kv_budgets["device"], ram_bytes=kv_budgets["ram"],
+                               disk_dir=disk_dir, disk_bytes=kv_budgets["disk"], device=device, **options)
+        self.recompute = Recompute(lay, self.store, recompute, budgets=act_budgets, disk_dir=disk_dir,
+                                   kernels=kind.kernels)
         self.exact = ExactKV(num_layers, num_kv_heads, head_dim, dtype=dtype, device=device,
-                             min_capacity=2 * (recent_window + 2 * block_size))
+                             min_capacity=2 * (recent_window + 2 * block_size),
+                             hidden=recompute.hidden if self.recompute.active else 0)
         self.summaries = BlockSummaries(SCORERS[scorer], codec, num_layers=num_layers, num_kv_heads=num_kv_heads,
                                         max_blocks=lay.max_blocks, device=device, backend=kind.kernels)
-        self.backend = kind(lay, self.store, self.summaries, self.exact)
+        self.backend = kind(lay, self.store, self.summaries, self.exact, self.recompute)
         self.num_blocks = 0  # compressed blocks per layer (and KV head)
         self.length = 0
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None  # [Hkv, capacity, D] each
@@ -101,10 +118,13 @@ class TieredKVCache:
 
     def reset_counters(self) -> None:
         self.backend.reset_counters()
+        self.recompute.reset_counters()
 
     def decode_stats(self, decode_steps: int) -> dict:
-        """Traffic per tier and selection figures over `decode_steps` steps (stats keys)."""
-        return self.backend.stats(decode_steps)
+        """Traffic per tier and selection figures over `decode_steps` steps (stats keys,
+        fetch_bytes among them: K/V row bytes the steps read); recompute_blocks /
+        recompute_bytes: (layer, block) pairs recomputed and activation bytes read per step."""
+        return self.backend.stats(decode_steps) | self.recompute.stats(decode_steps)
 
     # ---- selection --------------------------------------------------------------------
     def _blocks_to_attend(self, layer: int) -> int | None:
@@ -133,9 +153,9 @@ class TieredKVCache:
 
     # ---- attention --------------------------------------------------------------------
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               k_pre: torch.Tensor) -> torch.Tensor:
+               k_pre: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """The `KVCache` protocol: store the new tokens, attend over everything stored."""
-        self.exact.append(layer, k, k_pre, rotate(v, self.layout.value_basis))
+        self.exact.append(layer, k, k_pre, rotate(v, self.layout.value_basis), h)
         if q.shape[1] > 1:  # a prefill chunk: dense over the decoded rows and the exact tokens
             keys, values = self.layer_keys_values(layer)
             return rotate(dense_attention(q, keys, values, q_start=self.length), self.layout.value_basis, inverse=True)
@@ -165,7 +185,7 @@ class TieredKVCache:
         compressed, tail = nb * B, tail_k.shape[1]
         k_buf, v_buf = self._scratch_for(compressed + tail)
         if nb > 1:  # block 0 comes from the exact sink
-            rows = self.store.get(lay.row_ids(layer, torch.arange(1, nb))).view(lay.num_kv_heads, nb - 1, -1)
+            rows = self.recompute.rows(lay.row_ids(layer, torch.arange(1, nb))).view(lay.num_kv_heads, nb - 1, -1)
             for h in range(lay.num_kv_heads):
                 out = (k_buf[h, B:compressed].view(nb - 1, B, lay.head_dim),
                        v_buf[h, B:compressed].view(nb - 1, B, lay.head_dim))
@@ -193,12 +213,15 @@ class TieredKVCache:
         # summary ops run once per commit, not once per layer)
         keys = torch.stack([k[:, :n * B] for k, _, _ in tails])
         self.summaries.write_layers(layers, self.num_blocks, keys)
-        keys_pre = torch.stack([k_pre[:, :n * B] for _, k_pre, _ in tails])
-        values = torch.stack([v[:, :n * B] for _, _, v in tails])
+        kept = ~self.recompute.recomputed(blocks)  # the blocks whose K/V rows are stored
+        tokens = kept.repeat_interleave(B).to(lay.device)
+        keys_pre = torch.stack([k_pre[:, :n * B][:, tokens] for _, k_pre, _ in tails])
+        values = torch.stack([v[:, :n * B][:, tokens] for _, _, v in tails])
         rows = compress_blocks(keys_pre.flatten(0, 1), values.flatten(0, 1), lay.codec,
-                               backend=self.backend.kernels)  # [layers*Hkv, n, row_bytes]
-        new_ids = torch.cat([lay.row_ids(layer, blocks) for layer in layers])
+                               backend=self.backend.kernels)  # [layers*Hkv, kept, row_bytes]
+        new_ids = torch.cat([lay.row_ids(layer, blocks[kept]) for layer in layers])
         self.store.put(new_ids, rows.reshape(-1, lay.codec.row_bytes))
+        self.recompute.put(layers, blocks, [self.exact.tail_inputs(layer) for layer in layers])
         self.exact.drop(n * B, keep_first=B if self.num_blocks == 0 else 0)  # block 0 stays: the sink
         self.num_blocks += n
         self.backend.blocks_added(new_ids)
@@ -218,7 +241,8 @@ class TieredKVCache:
             keep_blocks = num_tokens // B
             dropped = torch.arange(keep_blocks, self.num_blocks)
             for layer in range(self.layout.num_layers):
-                self.store.free(self.layout.row_ids(layer, dropped))
+                self.store.free(self.layout.row_ids(layer, self.recompute.stored(dropped)))
+                self.recompute.free(layer, dropped)
             self.num_blocks = keep_blocks
             self.exact.truncate(0, sink_len=B if keep_blocks else 0)
             num_tokens = keep_blocks * B
@@ -229,18 +253,21 @@ class TieredKVCache:
     def resident_bytes(self) -> dict[str, int]:
         """Bytes per tier now: the exact tokens and block summaries count as device memory."""
         tiers = self.store.resident_bytes()
+        for tier, nbytes in self.recompute.resident_bytes().items():
+            tiers[tier] += nbytes
         tiers["device"] += self.exact.nbytes() + self.summaries.bytes_used(self.num_blocks)
         return tiers
 
     def _all_row_ids(self) -> torch.Tensor:
-        blocks = torch.arange(self.num_blocks)
+        blocks = self.recompute.stored(torch.arange(self.num_blocks))
         return torch.cat([self.layout.row_ids(layer, blocks) for layer in range(self.layout.num_layers)])
 
     def export_state(self) -> dict[str, torch.Tensor]:
-        """Everything stored, as CPU tensors: rows [layers*Hkv*blocks, row_bytes] + the exact tokens."""
+        """Everything stored, as CPU tensors: rows [layers*Hkv*blocks, row_bytes] (the
+        stored blocks) + the exact tokens (+ the activation rows of recompute blocks)."""
         ids = self._all_row_ids()
         rows = self.store.get(ids).cpu() if len(ids) else torch.empty((0, self.codec.row_bytes), dtype=torch.uint8)
-        return {"rows": rows, **self.exact.export(),
+        return {"rows": rows, **self.exact.export(), **self.recompute.export(self.num_blocks),
                 "length": torch.tensor([self.length, self.num_blocks], dtype=torch.int64)}
 
     def import_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -251,6 +278,7 @@ class TieredKVCache:
         ids = self._all_row_ids()
         if len(ids):
             self.store.put(ids, state["rows"])
+        self.recompute.load(state, num_blocks)
         self.exact.load(state)
         self.length = length
         if num_blocks:  # summaries come from the stored keys, decoded and rotated
@@ -261,3 +289,4 @@ class TieredKVCache:
     def close(self) -> None:
         self.backend.close()
         self.store.close()
+        self.recompute.close()

@@ -219,11 +219,17 @@ class TierStore:
     Both the device cache and the RAM home are LRU (`edgekv.lru.LruIndex`: a read stamps
     its slots in one array write); get() touches both, `touch` records reads a backend
     did in place. All methods are thread-safe (one lock).
+
+    With ``scratch_rows`` the first device-cache slots (`scratch_slots`) are held apart
+    for rows a backend writes there itself (K/V rows recomputed on the device,
+    `edgekv.recompute`): no id names them, nothing evicts them, and the cache's room for
+    copies is that much smaller.
     """
 
     def __init__(self, row_bytes: int, *, device_cache_bytes: int, ram_bytes: int,
                  disk_dir: str | os.PathLike | None, disk_bytes: int,
-                 device: torch.device | str = "cpu", pin_ram: bool = False, id_space: int | None = None):
+                 device: torch.device | str = "cpu", pin_ram: bool = False, id_space: int | None = None,
+                 scratch_rows: int = 0):
         if row_bytes <= 0 or min(device_cache_bytes, ram_bytes, disk_bytes) < 0:
             raise ValueError("row_bytes must be positive and budgets non-negative")
         has_disk = disk_dir is not None
@@ -236,6 +242,12 @@ class TierStore:
         self._budgets = dict(device=device_cache_bytes, ram=ram_bytes, disk=disk_bytes if has_disk else 0)
         self._dev_pool = _RowPool(row_bytes, device_cache_bytes // row_bytes, self.device,
                                   pin=False, preallocate=self.device.type == "cuda")
+        if scratch_rows >= self._dev_pool.max_rows:
+            raise BudgetError(f"device cache budget {format_size(device_cache_bytes)} holds no row besides the "
+                              f"{scratch_rows} scratch rows ({format_size(scratch_rows * row_bytes)}); "
+                              f"raise --device-cache")
+        self.scratch_slots = torch.tensor(self._dev_pool.take(scratch_rows), dtype=torch.int64, device=self.device)
+        self._dev_capacity = self._dev_pool.max_rows - scratch_rows  # slots for cached copies
         self._ram_pool = _RowPool(row_bytes, ram_bytes // row_bytes, torch.device("cpu"),
                                   pin=self._pin, preallocate=False)
         self._disk_slots = _Slots(self._budgets["disk"] // row_bytes)
@@ -433,7 +445,7 @@ class TierStore:
             self._check_open()
             self._check_known(id_list)
             todo = [i for i in id_list if i not in self._dev and i not in self._arriving]
-            capacity = self._dev_pool.max_rows - len(self._arriving)
+            capacity = self._dev_capacity - len(self._arriving)
             todo = todo[max(0, len(todo) - capacity):]
             if not todo:
                 return None
@@ -490,7 +502,7 @@ class TierStore:
         """Rows the device cache can take now without evicting a cached copy (arriving
         rows count as taken)."""
         with self._lock:
-            return max(0, self._dev_pool.max_rows - len(self._dev) - len(self._arriving))
+            return max(0, self._dev_capacity - len(self._dev) - len(self._arriving))
 
     @property
     def has_disk_rows(self) -> bool:
@@ -552,7 +564,8 @@ class TierStore:
         disk_write, to_device} (host time of the store's own copies; a copy to a GPU is
         waited for); gbps: the same keys as seconds, in GB/s (1e9 bytes); device_hits /
         device_misses, prefetched_rows, prefetch_hits: rows; allocated_bytes {device, ram,
-        disk}: pool tensors and disk file extent, budgets {device, ram, disk}: bytes.
+        disk}: pool tensors and disk file extent, budgets {device, ram, disk}: bytes;
+        row_bytes.
         """
         with self._lock:
             c = self._counters
@@ -565,7 +578,7 @@ class TierStore:
                 prefetched_rows=c.prefetched_rows, prefetch_hits=c.prefetch_hits,
                 allocated_bytes=dict(device=self._dev_pool.rows.nbytes, ram=self._ram_pool.rows.nbytes,
                                      disk=self._disk_slots.high_water * self.row_bytes),
-                budgets=dict(self._budgets))
+                budgets=dict(self._budgets), row_bytes=self.row_bytes)
 
     def reset_counters(self) -> None:
         with self._lock:
@@ -728,7 +741,7 @@ class TierStore:
     def _take_device_slots(self, n: int) -> list[int]:
         """n free device-cache slots (n <= capacity - arriving), evicting the least recently
         used copies; their ids read -1 in slot_table."""
-        evicted = self._dev.oldest(len(self._dev) + len(self._arriving) + n - self._dev_pool.max_rows)
+        evicted = self._dev.oldest(len(self._dev) + len(self._arriving) + n - self._dev_capacity)
         self._dev_pool.slots.give_back([self._dev.pop(i) for i in evicted])
         self._set_table(self.slot_table, evicted, -1)
         self._prefetched.difference_update(evicted)
@@ -738,7 +751,7 @@ class TierStore:
         """Copy rows (uint8 [n, row_bytes], device) of uncached ids into the device cache,
         evicting least recently used copies; keeps the last ones if n exceeds the cache.
         Returns the ids cached."""
-        capacity = self._dev_pool.max_rows - len(self._arriving)
+        capacity = self._dev_capacity - len(self._arriving)
         if len(ids) > capacity:
             ids, rows = ids[len(ids) - capacity:], rows[len(ids) - capacity:]
         if not ids:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .config import Policy
-from .costmodel import (Calibration, Prediction, attended_blocks, kv_layout, layer_rows_bytes,
+from .costmodel import (Calibration, recompute_decision, Prediction, attended_blocks, kv_layout, layer_rows_bytes,
                         placement, predict)
 from .errors import EdgekvError
 from .hardware import Capacity, HardwareFigures
@@ -114,6 +114,7 @@ class Candidate:
         else:
             text = f"{p.kv_bits}-bit KV, budget {p.budget}" + (f" ({p.scorer})" if p.budget != "all" else "")
             text += ", speculate" if p.speculate is True else ""
+            text += f", recompute {p.recompute:.0%}" if p.recompute not in (0, 0.0, "auto") else ""
             pl = self.prediction.placement
             text += f", device cache {format_size(p.device_cache_bytes)}"
             if pl.disk_rows:
@@ -153,6 +154,7 @@ class Plan:
         keys = ["device", "offload", "prefill_chunk", "threads", "weight_bits"]
         if p.offload:
             keys += ["kv_bits", "block_size", "recent_window", "budget", "scorer", "speculate", "dense_layers",
+                     "recompute", "recompute_bits",
                      "device_cache_bytes", "ram_bytes", "disk_bytes", "disk_dir"]
         return {k: getattr(p, k) for k in keys if getattr(p, k) is not None}
 
@@ -219,8 +221,11 @@ def candidate_policies(request: Request, hw: HardwareFigures, limits: Limits) ->
                                                   (False, True) if sparse else (False,)):
                 policy = Policy.from_kwargs(**base, **w, prefill_chunk=chunk, kv_bits=bits, budget=budget,
                                             scorer=scorer, speculate=spec)
+                split = recompute_decision(request.shape, policy, hw, device).share
                 for sizes in tier_sizes(request, policy, limits, device):
                     yield policy.replace(**sizes)
+                    if split:  # KVPR: part of the blocks rebuilt from layer inputs, where it pays
+                        yield policy.replace(**sizes, recompute=split)
 
 
 def unfit_reason(pred: Prediction, limits: Limits, device_type: str, shape: ModelShape) -> str:
@@ -254,7 +259,8 @@ def evaluate(request: Request, policy: Policy, hw: HardwareFigures, cal: Calibra
     quality = judge(request.model_name, request.model_identity, offload=policy.offload, kv_bits=policy.kv_bits,
                     fraction=fraction, scorer=policy.scorer, floor=floor)
     device_type = "cuda" if str(policy.device).startswith("cuda") else "cpu"
-    weights = judge_weights(weight_bits(policy, device_type), pinned="weight_bits" in pinned)
+    weights = judge_weights(weight_bits(policy, device_type), pinned="weight_bits" in pinned,
+                            model=request.model_name, identity=request.model_identity)
     if quality.allowed and not weights.allowed:
         quality = weights
     return Candidate(pred, quality, fraction, unfit_reason(pred, limits, device_type, s))
@@ -301,7 +307,7 @@ def _pinned(policies: Iterator[Policy], fixed: dict[str, object] | None) -> Iter
 def _family(c: Candidate) -> tuple:
     p = c.policy
     return (p.offload, p.kv_bits if p.offload else 0, p.budget, p.scorer if p.budget != "all" else "",
-            p.speculate is True, c.prediction.placement.disk_rows > 0)
+            p.speculate is True, c.prediction.placement.disk_rows > 0, bool(p.recompute))
 
 
 def _best_per_family(cands: list[Candidate]) -> list[Candidate]:
@@ -401,6 +407,10 @@ def explain(plan: Plan) -> str:
         + ", ".join(f"{n} {1e3 * s:.2f} ms" for n, s in p.decode_terms if abs(s) >= 5e-6),
         f"  quality: {c.quality.source}",
     ]
+    if c.policy.offload:
+        decision = recompute_decision(r.shape, c.policy, plan.hardware, plan.hardware.device_type)
+        used = c.policy.recompute
+        lines.append(f"  recompute: {f'{used:.0%} of blocks, ' if used else ''}{decision.reason}")
     lines += [f"  note: {n}" for n in p.notes]
     if plan.runners_up:
         lines.append("runners-up:")

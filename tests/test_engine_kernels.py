@@ -14,17 +14,17 @@ if not torch.cuda.is_available():
 
 
 @pytest.mark.parametrize("kind", ["llama3", "qwen2"])
-def test_greedy_tokens_with_triton_kernels_equal_torch_kernels(kind, tiny_models, long_text):
+def test_greedy_tokens_of_every_backend_equal_the_torch_twins(kind, tiny_models, long_text):
     # Interpreted Triton is slow: a tiny two-layer model keeps the real engine path quick.
     messages = [{"role": "user", "content": long_text[:1500] + "\n\nWhat is this about?"}]
     tokens = {}
-    for kernels in ("torch", "triton"):
+    for kernels in ("torch", "numba", "triton"):
         engine = edgekv.load(tiny_models[kind], kernels=kernels, block_size=16, recent_window=16)
         result = engine.generate(messages, max_new_tokens=8, ignore_eos=True)
         assert engine.kv.num_blocks >= 10  # most of the prompt sits in packed 4-bit rows
         tokens[kernels] = result.token_ids
         engine.close()
-    assert tokens["triton"] == tokens["torch"]
+    assert tokens["triton"] == tokens["torch"] and tokens["numba"] == tokens["torch"]
 
 
 @pytest.mark.real_model

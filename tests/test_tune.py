@@ -213,6 +213,25 @@ def test_speculation_is_planned_where_a_transfer_can_hide():
     assert plan.chosen.policy.budget != "all" and plan.chosen.policy.speculate is True
 
 
+LLAMA2_7B = ModelShape(num_layers=32, hidden_size=4096, intermediate_size=11008, num_heads=32, num_kv_heads=32,
+                       head_dim=128, vocab_size=32000, max_context=32768, rms_eps=1e-5)
+
+
+def test_recompute_is_planned_for_mha_16_bit_kv_over_a_slow_link_and_never_for_gqa_4_bit():
+    """KVPR: a Llama-2-7B-shaped (MHA) model whose 16-bit KV crosses PCIe recomputes part
+    of its blocks, and --explain says why; the embedded GQA model at 4 bits never does."""
+    hw = cuda_figures(h2d_gbps=25.0, tier_ram_fetch_gbps=25.0, device_gemm_gflops=100000.0, device_total_bytes=24 * GiB,
+                      device_free_bytes=23 * GiB, attend_16bit_s_per_block=40e-9)
+    limits = Limits(ram_bytes=200 * GiB, disk_bytes=0, device_bytes=8 * GiB)  # 15.7 GB of KV cannot stay
+    mha = search(request(30000, LLAMA2_7B, new_tokens=256), hw, Calibration(), limits,
+                 fixed={"kv_bits": 16, "budget": "all", "weight_bits": 4})
+    assert 0 < mha.chosen.policy.recompute < 1
+    assert "recompute: " in explain(mha) and "fewer bytes than" in explain(mha)
+    gqa = search(request(7000), hw, Calibration(), limits, fixed={"kv_bits": 4})
+    assert gqa.chosen.policy.recompute == 0
+    assert "recompute: off: an activation row" in explain(gqa)
+
+
 def test_quality_floor_rejects_what_was_measured_below_it():
     assert not judge("SmolLM2-135M-Instruct.Q4_1", "174b85b4086a63f9bd409688", offload=True, kv_bits=4,
                      fraction=0.1, scorer="keys4", floor=0.95).allowed
@@ -225,9 +244,11 @@ def test_quality_floor_rejects_what_was_measured_below_it():
     assert judge("other", "1", offload=False, kv_bits=2, fraction=0.01, scorer="mean").allowed  # the exact KV
 
 
-def test_four_bit_weights_only_when_pinned():
+def test_four_bit_weights_only_when_pinned_or_measured_on_the_model():
     assert judge_weights(16).allowed and judge_weights(8).allowed
     assert not judge_weights(4).allowed and judge_weights(4, pinned=True).allowed
+    embedded = judge_weights(4, model="SmolLM2-135M-Instruct.Q4_1", identity="174b85b4086a63f9bd409688")
+    assert embedded.allowed and embedded.source.startswith("measured: 4-bit weights")
 
 
 def test_explain_names_the_binding_resource_and_the_runners_up():

@@ -12,7 +12,8 @@ A decode step of one layer, as calls::
                                                        rows and the exact sink + tail (read in
                                                        place), turn the output back to the
                                                        model's basis; one compiled call
-              (store.get(row ids) first when some row is not cached)
+              (recompute.rows(row ids) first when some row is not cached, or
+              is a recompute block's: `edgekv.recompute`)
 
 Everything else — other scorers' selection, 16-bit rows — is the reference backend's
 (`ReferenceBackend`, which this extends). Prefetching runs inline while every row is in
@@ -33,6 +34,7 @@ from ..kernels.block_score import key_copy, top_blocks
 from ..kernels.block_score_numba import NumbaBlockSelector, NumbaMassSelector
 from ..kernels.sparse_attention_numba import NumbaSparseAttention
 from ..kvstate import ExactKV, KVLayout
+from ..recompute import Recompute
 from ..selection import BlockSummaries, key_copy_codec
 from ..tiers import TierStore
 from .reference import ReferenceBackend
@@ -52,8 +54,9 @@ class CpuBackend(ReferenceBackend):
     name = "numba"
     kernels = "numba"
 
-    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV):
-        super().__init__(layout, store, summaries, exact)
+    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV,
+                 recompute: Recompute):
+        super().__init__(layout, store, summaries, exact, recompute)
         codec, scorer = layout.codec, summaries.scorer
         key_codec = key_copy_codec(codec)
         self.key_codec = key_codec if scorer.key_copies and key_codec.head_dim % 2 == 0 else None
@@ -98,7 +101,7 @@ class CpuBackend(ReferenceBackend):
                 out = self.attention(q, pool, _slot_grid(slots, valid, block_ids.shape), block_ids,
                                      keys[:, :0], values[:, :0], keys, values, exact_len, counts)
         if cached is None:
-            rows = self.store.get(ids)
+            rows = self.recompute.rows(ids)
             t1 = time.perf_counter()
             slots = _slot_grid(torch.arange(rows.shape[0]), valid, block_ids.shape)
             out = self.attention(q, rows, slots, block_ids, keys[:, :0], values[:, :0], keys, values,

@@ -35,6 +35,18 @@ Rows whose home is the disk: a step that may need one (`TierStore.has_disk_rows`
 with one host synchronization per layer and brings the ones it needs to the device cache
 through `TierStore.get` before attending.
 
+Recompute blocks (`edgekv.recompute`; `RecomputeLane`): their activation rows are read in
+place in pinned RAM (the gather kernel) and turned into K/V rows — the layer's k/v
+projections, then the row codec — on a recompute stream, into scratch slots of the device
+cache held apart for them (two halves: even and odd layers); the attention kernel reads
+them there like cached rows. The compute stream waits for that work through an event,
+and a half is written again only after an event recorded behind the last kernel that
+read it. With budget "all" the recompute blocks are known on the host, and layer l+1's
+are launched as soon as layer l's attention is queued: their activations cross the link
+and the GEMM runs while layer l's kernel reads its K/V misses over the same link. Under a
+sparse budget a layer's recompute blocks are the heads' selections: one host
+synchronization per layer finds them (only when the cache has recompute blocks).
+
 On a CPU (Triton's interpreter, for tests) the same code runs with host clocks for events
 and the filler working inline at the end of each step: there are no streams to order
 concurrent work on one memory.
@@ -47,6 +59,7 @@ between steps.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -56,6 +69,7 @@ import torch
 from ..kernels.block_score import adaptive_top_blocks_padded, top_blocks_torch
 from ..kernels.sparse_attention import pooled_decode_attention
 from ..kvstate import ExactKV, KVLayout
+from ..recompute import Recompute
 from ..rotation import rotate
 from ..selection import BlockSummaries, SelectionCounters
 from ..tiers import TierStore
@@ -179,6 +193,92 @@ class CacheFiller:
             self.worker.join()
 
 
+class RecomputeLane:
+    """The K/V rows of recompute blocks, made on the device into scratch slots of the
+    device cache, on a recompute stream (see the module doc). Scratch: the store's
+    `scratch_slots` viewed as [2, num_kv_heads, layout.num_recomputed], half layer % 2
+    for a layer's rows; `position[half]`: int64 [max_blocks], the column of each block
+    recomputed there (-1: none). Does nothing when the cache recomputes nothing."""
+
+    def __init__(self, recompute: Recompute, store: TierStore, layout: KVLayout):
+        self.recompute, self.store, self.layout = recompute, store, layout
+        self.active = recompute.active
+        self.cuda = layout.device.type == "cuda"
+        self.stream = torch.cuda.Stream(layout.device) if self.cuda and self.active else None
+        self.scratch = store.scratch_slots.view(2, layout.num_kv_heads, -1) if self.active else None
+        self.position = torch.full((2, layout.max_blocks), -1, dtype=torch.int64, device=layout.device)
+        self.ready: list[tuple[int, set, object] | None] = [None, None]  # per half: layer, blocks, done event
+        self.read: list[object | None] = [None, None]  # per half: event behind its last reader
+
+    @staticmethod
+    def scratch_rows(layout: KVLayout) -> int:
+        """Scratch slots the lane needs: two layers' recompute rows."""
+        return 2 * layout.num_kv_heads * layout.num_recomputed
+
+    def launch(self, layer: int, blocks: list[int]) -> None:
+        """Recompute `blocks` (ascending, host) of `layer` into its scratch half, on the
+        recompute stream (inline without CUDA)."""
+        half, lay = layer % 2, self.layout
+        ids = torch.tensor(blocks, dtype=torch.int64)
+        done = None
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
+            if self.cuda and self.read[half] is not None:
+                self.stream.wait_event(self.read[half])  # the last kernel reading this half is done
+            rows = self.recompute.key_value_rows(layer, ids)  # [Hkv, m, row_bytes]
+            slots = self.scratch[half, :, :len(blocks)].reshape(-1)
+            self.store.device_rows.index_copy_(0, slots, rows.reshape(-1, lay.codec.row_bytes))
+            position = self.position[half]
+            position.fill_(-1)
+            position[ids.to(lay.device)] = torch.arange(len(blocks), device=lay.device)
+            if self.cuda:
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        self.ready[half] = (layer, set(blocks), done)
+
+    def place(self, layer: int, block_ids: torch.Tensor, again: torch.Tensor, slots: torch.Tensor,
+              every_below: int | None) -> torch.Tensor:
+        """`slots` [Hkv, k] with the entries `again` marks (recompute blocks attended)
+        pointing at their rows in the scratch half of `layer`, once those are made (the
+        current stream waits for them). every_below: the step attends every block below
+        it (the recompute blocks are known on the host), or None: they are found from
+        `again` (a host synchronization)."""
+        if not self.active:
+            return slots
+        if every_below is None:
+            blocks = torch.unique(block_ids[again]).tolist()
+        else:
+            blocks = self.recompute.blocks_below(every_below)
+        if not blocks:
+            return slots
+        half = layer % 2
+        ready = self.ready[half]
+        if ready is None or ready[0] != layer or not set(blocks) <= ready[1]:
+            self.launch(layer, blocks)
+        if self.cuda:
+            torch.cuda.current_stream(self.layout.device).wait_event(self.ready[half][2])
+        column = self.position[half][block_ids.clamp(min=0)]  # [Hkv, k]
+        mine = self.scratch[half].gather(1, column.clamp(min=0))
+        return torch.where(again, mine, slots)
+
+    def release(self, layer: int) -> None:
+        """The reads of layer's scratch half are queued: a later write there waits for them."""
+        if self.active and self.cuda:
+            event = torch.cuda.Event()
+            event.record()
+            self.read[layer % 2] = event
+
+    def ahead(self, layer: int, num_blocks: int) -> None:
+        """Budget "all": start layer's recompute blocks below num_blocks now."""
+        if self.active and layer < self.layout.num_layers:
+            blocks = self.recompute.blocks_below(num_blocks)
+            if blocks:
+                self.launch(layer, blocks)
+
+    def end_step(self) -> None:
+        """Rows launched ahead belong to one step (a truncate may change the blocks after it)."""
+        self.ready = [None, None]
+
+
 class CudaBackend:
     """Decode steps of one `TieredKVCache` with Triton kernels and device-side placement
     (see the module doc)."""
@@ -188,11 +288,15 @@ class CudaBackend:
 
     @classmethod
     def store_options(cls, layout: KVLayout) -> dict:
-        """A pinned RAM home (the GPU reads misses there in place) and device-side tables."""
-        return {"pin_ram": True, "id_space": layout.num_rows}
+        """A pinned RAM home (the GPU reads misses there in place), device-side tables and
+        the recompute lane's scratch slots."""
+        return {"pin_ram": True, "id_space": layout.num_rows, "scratch_rows": RecomputeLane.scratch_rows(layout)}
 
-    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV):
+    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV,
+                 recompute: Recompute):
         self.layout, self.store, self.summaries, self.exact = layout, store, summaries, exact
+        self.recompute = recompute
+        self.lane = RecomputeLane(recompute, store, layout)
         self.counters = SelectionCounters()  # pending requests and candidate counts (host side)
         self.clock = _Clock(layout.device)
         self.counts = torch.zeros(5, dtype=torch.int64, device=layout.device)
@@ -254,20 +358,27 @@ class CudaBackend:
     def attend(self, layer: int, q: torch.Tensor, block_ids: torch.Tensor | None, num_blocks: int) -> torch.Tensor:
         lay = self.layout
         start = self.clock.mark()
-        if block_ids is None:
+        every = block_ids is None  # then the recompute blocks attended are known on the host
+        if every:
             block_ids = torch.arange(1, max(num_blocks, 1), device=lay.device).expand(lay.num_kv_heads, -1)
         valid = block_ids >= 0
         rows = self._row_ids(layer, block_ids)
-        slots = self._placement(rows, valid)
-        from_device = (valid & (slots >= 0)).sum()
+        again = self.recompute.recomputed(block_ids)  # recompute blocks: rows made on the device
+        stored = valid & ~again
+        slots = self._placement(rows, stored)
+        from_device = (stored & (slots >= 0)).sum()
         self.counts[_READ_DEVICE] += from_device
-        self.counts[_READ_RAM] += valid.sum() - from_device
+        self.counts[_READ_RAM] += stored.sum() - from_device
         self._reads.append(rows)
+        slots = self.lane.place(layer, block_ids, again, slots, num_blocks if every else None)
         fetched = self.clock.mark()
         exact_k, exact_v = self.exact.exact(layer)
         out = pooled_decode_attention(q, self.store.device_rows, self.store.ram_rows, slots, lay.codec, exact_k,
                                       exact_v, num_valid=valid.sum(dim=1), block_ids=block_ids.clamp(min=0),
                                       rope_inv_freq=lay.rope_inv_freq, backend="triton")
+        self.lane.release(layer)
+        if every:
+            self.lane.ahead(layer + 1, num_blocks)
         out = rotate(out, lay.value_basis, inverse=True)
         self.clock.span("fetch", start, fetched)
         self.clock.span("attend", fetched, self.clock.mark())
@@ -284,6 +395,7 @@ class CudaBackend:
         if self._reads:
             self.filler.request(torch.cat([r.reshape(-1) for r in self._reads]))
             self._reads = []
+        self.lane.end_step()
 
     def warm_up(self) -> None:
         """Nothing here: Triton compiles each kernel at its first launch (on a GPU, a few

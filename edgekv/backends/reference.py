@@ -4,7 +4,8 @@ A decode step of one layer, as calls::
 
     select    summaries.scores(q)            score every block's summary      (BlockSummaries)
               select_blocks(scores, k, ...)  sinks + top-k (or a shared budget)
-    attend    store.get(row ids)             the selected rows, gathered      (TierStore)
+    attend    recompute.rows(row ids)        the selected rows, gathered      (TierStore; recompute
+                                             blocks' rows made from their inputs, `edgekv.recompute`)
               sparse_decode_attention(...)   dequantize, rotate keys, attend  (torch twin)
               rotate(out, basis, inverse)    back to the model's basis
 
@@ -20,6 +21,7 @@ import torch
 
 from ..kernels import sparse_decode_attention
 from ..kvstate import ExactKV, KVLayout
+from ..recompute import Recompute
 from ..rotation import rotate
 from ..selection import BlockSummaries, SelectionCounters, select_blocks
 from ..tiers import TierStore
@@ -36,8 +38,10 @@ class ReferenceBackend:
         """Extra `TierStore` arguments this backend reads the store with."""
         return {}
 
-    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV):
+    def __init__(self, layout: KVLayout, store: TierStore, summaries: BlockSummaries, exact: ExactKV,
+                 recompute: Recompute):
         self.layout, self.store, self.summaries, self.exact = layout, store, summaries, exact
+        self.recompute = recompute
         self.counters = SelectionCounters()
         layer_rows = layout.num_kv_heads * layout.max_blocks
         # budget "all": copy layer l+1's rows to the device cache while layer l attends,
@@ -71,7 +75,7 @@ class ReferenceBackend:
         t0 = time.perf_counter()
         ids = self.pick(layer, q, num_blocks, k, sink_blocks, adaptive)
         self.counters.pending[layer] = ids
-        self._prefetch(self.valid_row_ids(layer, ids[:, 1:])[0])  # block 0 is the exact sink
+        self._prefetch(self.recompute.stored_ids(self.valid_row_ids(layer, ids[:, 1:])[0]))  # block 0: the sink
         self.counters.seconds["speculate"] += time.perf_counter() - t0
 
     def _prefetch(self, row_ids: torch.Tensor) -> None:
@@ -95,8 +99,8 @@ class ReferenceBackend:
     def prefetch_next_layer(self, layer: int, num_blocks: int) -> None:
         """Budget "all": layer+1's rows to the device cache while this layer computes."""
         if self.prefetch_ahead and num_blocks > 1:
-            self._prefetch(self.layout.row_ids((layer + 1) % self.layout.num_layers,
-                                               torch.arange(1, num_blocks)))
+            blocks = self.recompute.stored(torch.arange(1, num_blocks))
+            self._prefetch(self.layout.row_ids((layer + 1) % self.layout.num_layers, blocks))
 
     def attend(self, layer: int, q: torch.Tensor, block_ids: torch.Tensor | None, num_blocks: int) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -105,7 +109,7 @@ class ReferenceBackend:
             block_ids = self.every_block(num_blocks)
         ids, valid, counts = self.valid_row_ids(layer, block_ids)
         lay = self.layout
-        rows = self.store.get(ids)
+        rows = self.recompute.rows(ids)
         if valid is None:
             rows = rows.view(*block_ids.shape, lay.codec.row_bytes)
         else:  # each head's blocks first in its row: the kernel reads counts[h] of them
@@ -148,8 +152,10 @@ class ReferenceBackend:
 
 def store_traffic(t: dict, decode_steps: int, extra_reads: dict | None = None) -> dict:
     """The stats keys of a store's counters `t` over `decode_steps` steps: bytes each tier
-    delivered per step and the bandwidth it achieved; `extra_reads` {tier: (bytes, hits,
-    misses)} adds reads a backend did without the store (the CUDA backend's in-place reads)."""
+    delivered per step (prefetch copies included) and the bandwidth it achieved;
+    fetch_bytes: bytes of the rows the steps read, wherever they were (hits and misses,
+    not prefetch copies); `extra_reads` {tier: (bytes, hits, misses)} adds reads a backend
+    did without the store (the CUDA backend's in-place reads)."""
     if not decode_steps:
         return {}
     read, hits, misses = dict(t["bytes_read"]), t["device_hits"], t["device_misses"]
@@ -158,6 +164,7 @@ def store_traffic(t: dict, decode_steps: int, extra_reads: dict | None = None) -
         hits, misses = hits + h, misses + m
     return {
         "kv_read_bytes_per_token": {tier: round(b / decode_steps) for tier, b in read.items()},
+        "fetch_bytes": round((hits + misses) * t["row_bytes"] / decode_steps),
         "kv_gbps": {tier: round(t["gbps"][tier], 3) for tier in ("device", "ram", "disk")},
         "kv_disk_write_bytes": t["bytes_written"]["disk"],
         # rows decode needed that were already on the device (cached or prefetched a layer ahead)
