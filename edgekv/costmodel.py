@@ -57,13 +57,16 @@ class Calibration:
     not: misses even when the device cache holds every selected row.
     """
 
-    weights_scale: float = 1.0
+    weights_scale: float = 1.0  # 16/32-bit weights (torch's products)
+    weights_scale_8: float = 1.0  # 8-bit weights (the quantized kernel)
+    weights_scale_4: float = 1.0  # 4-bit weights
     layer_overhead_s: float = 50e-6  # per layer and decode step
     select_scale: float = 1.0
     attend_scale: float = 1.0
     dense_attend_scale: float = 1.0
     fetch_scale: float = 1.0
-    prefill_linear_scale: float = 1.0
+    prefill_linear_scale: float = 1.0  # 16/32-bit weights
+    prefill_linear_scale_q: float = 1.0  # 8/4-bit weights (decoded tile by tile per chunk)
     prefill_attention_scale: float = 1.0
     prefill_kv_scale: float = 1.0
     chunk_overhead_s: float = 200e-6  # per layer and prefill chunk
@@ -78,8 +81,15 @@ class Calibration:
 
 
 # the constants `fit_calibration` fits by default (overlap and hit rate need CUDA runs)
-FITTED = ("weights_scale", "layer_overhead_s", "select_scale", "attend_scale", "dense_attend_scale",
-          "fetch_scale", "prefill_linear_scale", "prefill_attention_scale", "prefill_kv_scale", "chunk_overhead_s")
+FITTED = ("weights_scale", "weights_scale_8", "weights_scale_4", "layer_overhead_s", "select_scale", "attend_scale",
+          "dense_attend_scale", "fetch_scale", "prefill_linear_scale", "prefill_linear_scale_q",
+          "prefill_attention_scale", "prefill_kv_scale", "chunk_overhead_s")
+
+
+def weights_scale(cal: "Calibration", bits: int) -> float:
+    """The fitted multiplier of the weight-read term for weights of `bits` bits: each width
+    runs a different kernel, whose micro-benchmark is off by its own factor."""
+    return {8: cal.weights_scale_8, 4: cal.weights_scale_4}.get(bits, cal.weights_scale)
 
 
 @dataclass(frozen=True, slots=True)
@@ -400,7 +410,7 @@ def decode_terms(shape: ModelShape, policy: Policy, context: int, hw, cal: Calib
     rate = matvec_gbps(hw, bits) * GB
     L, hkv = s.num_layers, s.num_kv_heads
     t: dict[str, float] = {}
-    t["weights"] = decode_weight_bytes(s, bits) / rate * cal.weights_scale  # s: every weight once per token
+    t["weights"] = decode_weight_bytes(s, bits) / rate * weights_scale(cal, bits)  # s: every weight once per token
     t["layers"] = L * cal.layer_overhead_s  # s: fixed work per layer
     per_block = block_scale(s, p, hw)
     if not p.offload:
@@ -418,7 +428,7 @@ def decode_terms(shape: ModelShape, policy: Policy, context: int, hw, cal: Calib
     attended = sparse * hkv * k + (L - sparse) * hkv * nb  # (KV head, block) pairs
     t["attention"] = attended * attend_s_per_block(hw, p.kv_bits) * per_block * cal.attend_scale  # s
     q_bytes = s.num_heads * s.head_dim * s.hidden_size * decode_weight_bytes(s, bits) / decode_params(s)  # next query
-    t["speculation"] = sparse * q_bytes / rate * cal.weights_scale if spec else 0.0  # s
+    t["speculation"] = sparse * q_bytes / rate * weights_scale(cal, bits) if spec else 0.0  # s
     # the rows a step reads (not block 0: the sink is exact) against the device cache. An LRU
     # cache scanned in a cycle by more rows than it holds hits nothing: all hit or none do;
     # when they fit, a sparse step still misses the blocks its selection newly picked
@@ -472,7 +482,8 @@ def prefill_terms(shape: ModelShape, policy: Policy, context: int, hw, cal: Cali
     gflops = (hw.matmul_widen_gflops if narrow else 0.0) or hw.matmul_gflops
     t: dict[str, float] = {}
     flops = 2 * layer_params(s) * L * context + 2 * s.vocab_size * s.hidden_size  # lm_head on the last token
-    t["linear"] = flops / (gflops * GB) * cal.prefill_linear_scale  # s
+    quantized = weight_bits(p, device_type) < 16
+    t["linear"] = flops / (gflops * GB) * (cal.prefill_linear_scale_q if quantized else cal.prefill_linear_scale)  # s
     pairs = sum((end - begin) * end for begin, end in spans)  # (query, key) pairs, causal masking computed
     t["attention"] = L * 4 * s.num_heads * s.head_dim * pairs / (hw.attention_gflops * GB) * cal.prefill_attention_scale
     t["chunks"] = L * len(spans) * cal.chunk_overhead_s  # s

@@ -583,13 +583,16 @@ def _cpu_name() -> str:
 
 def calibration_plan(max_context: int, device_type: str) -> list[tuple[str, dict, list[int]]]:
     """(label, policy, contexts) of the runs `measure_engine_runs` makes: the dense path, 4-bit
-    tiers at three budgets, fp32 weights (to tell weight bytes from fixed costs), a device
-    cache of two layers (RAM fetches) and a RAM budget that spills to disk."""
+    tiers at three budgets with 4-, 8- and 16-bit weights (each width its own kernel and
+    fitted scale), fp32 weights (to tell weight bytes from fixed costs), a device cache of
+    two layers (RAM fetches) and a RAM budget that spills to disk."""
     top = max(256, min(2048, max_context - 128))
     low = max(128, min(512, top // 4))
-    plan = [("dense", {"offload": False}, [low, top])]
-    plan += [(f"4-bit, {b}", {"kv_bits": 4, "budget": b}, [low, top]) for b in ("all", "25%", "10%")]
-    plan.append(("4-bit, 8-bit weights", {"kv_bits": 4, "weight_bits": 8}, [low]))
+    # every weight width runs its own kernel: each appears at both contexts
+    plan = [("dense, 16-bit weights", {"offload": False, "weight_bits": 16}, [low, top])]
+    plan += [(f"4-bit, {b}, {w}-bit weights", {"kv_bits": 4, "budget": b, "weight_bits": w}, [low, top])
+             for b, w in (("all", 4), ("25%", 8), ("10%", 16))]
+    plan.append(("4-bit, 10%, 4-bit weights", {"kv_bits": 4, "budget": "10%", "weight_bits": 4}, [low]))
     if device_type == "cpu":
         plan.append(("4-bit fp32 weights", {"kv_bits": 4, "weight_bits": 16, "weight_dtype": "float32"}, [low]))
     plan += [("4-bit small device cache", {"kv_bits": 4, "device_cache_bytes": "two layers"}, [low]),

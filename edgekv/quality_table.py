@@ -133,13 +133,27 @@ WEIGHT_ENTRIES = {  # (model, identity) -> {bits: (top-1 agreement, KLD)} vs the
 }
 
 
+ASSUMED_WEIGHTS_KLD = {32: 0.0, 16: 0.0, 8: 1e-4, 4: 1e-2}  # where nothing was measured: more bits, closer
+
+
+def _measured_weights(model: str, identity: str) -> dict:
+    return next((v for (name, ident), v in WEIGHT_ENTRIES.items()
+                 if (ident == identity if ident and identity else name == model)), {})
+
+
+def weights_kld(bits: int, model: str = "", identity: str = "") -> float:
+    """How far weights of `bits` bits move this model's next-token distribution (KLD, nats):
+    measured where `WEIGHT_ENTRIES` has it, else `ASSUMED_WEIGHTS_KLD` (an order, not a figure)."""
+    measured = _measured_weights(model, identity)
+    return measured[bits][1] if bits in measured else ASSUMED_WEIGHTS_KLD.get(bits, 1e-2)
+
+
 def judge_weights(bits: int, *, pinned: bool = False, model: str = "", identity: str = "") -> QualityVerdict:
     """May weights of `bits` bits be planned? Where `edgekv bench quality` measured them on
     this model (`WEIGHT_ENTRIES`), when they keep the floor's agreement; elsewhere 16 and 8
     bits (per-group scales: within noise of 16-bit in published studies) always, 4 bits
     only when the user pins it (`--fix weight_bits=4`)."""
-    measured = next((v for (name, ident), v in WEIGHT_ENTRIES.items()
-                     if (ident == identity if ident and identity else name == model)), {})
+    measured = _measured_weights(model, identity)
     if bits in measured:
         top1, kld = measured[bits]
         source = f"measured: {bits}-bit weights: top-1 {top1:.3f}, KLD {kld:.1e} ({_WEIGHTS})"

@@ -29,7 +29,7 @@ from .errors import EdgekvError
 from .hardware import Capacity, HardwareFigures
 from .model import ModelShape
 from .costmodel import weight_bits
-from .quality_table import DEFAULT_FLOOR, QualityVerdict, judge, judge_weights, quality_rank
+from .quality_table import DEFAULT_FLOOR, QualityVerdict, judge, judge_weights, quality_rank, weights_kld
 from .sizes import format_size
 
 RAM_HEADROOM = 0.10  # share of available RAM left to everything else
@@ -91,6 +91,7 @@ class Candidate:
     quality: QualityVerdict
     fraction: float
     unfit: str = ""
+    weights_kld: float = 0.0  # the weights' measured (or assumed) KL divergence from the model's own
 
     @property
     def policy(self) -> Policy:
@@ -102,9 +103,9 @@ class Candidate:
 
     @property
     def rank(self) -> tuple:
+        """Higher = closer to dense: the KV's closeness first, then the weights'."""
         p = self.policy
-        bits = weight_bits(p, "cuda" if str(p.device).startswith("cuda") else "cpu")
-        return (min(bits, 16), *quality_rank(p.offload, p.kv_bits, self.fraction, self.quality.top1_agreement))
+        return (*quality_rank(p.offload, p.kv_bits, self.fraction, self.quality.top1_agreement), -self.weights_kld)
 
     def label(self) -> str:
         """A short name: "dense exact KV" or "4-bit, 10% keys4, speculate, RAM 2 GiB + disk 5 GiB"."""
@@ -263,7 +264,8 @@ def evaluate(request: Request, policy: Policy, hw: HardwareFigures, cal: Calibra
                             model=request.model_name, identity=request.model_identity)
     if quality.allowed and not weights.allowed:
         quality = weights
-    return Candidate(pred, quality, fraction, unfit_reason(pred, limits, device_type, s))
+    return Candidate(pred, quality, fraction, unfit_reason(pred, limits, device_type, s),
+                     weights_kld(weight_bits(policy, device_type), request.model_name, request.model_identity))
 
 
 # ---- the search -------------------------------------------------------------------------------
