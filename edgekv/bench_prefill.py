@@ -78,24 +78,25 @@ def run_prefill_bench(model: str | None, contexts: list[int], chunks: list[int],
     rows = []
     for n in contexts:
         ids = prompt_ids(first.tokenizer, n)
-        best: dict[str, float] = {}
+        fastest: dict[str, float] = {}  # seconds, the fastest round
         for _ in range(repeats):
             for name, engine in engines.items():
                 for chunk in chunks:
                     engine.update_policy(prefill_chunk=chunk)
                     key = f"{name} @{chunk}"
-                    best[key] = min(best.get(key, math.inf), prefill_seconds(engine, ids))
+                    fastest[key] = min(fastest.get(key, math.inf), prefill_seconds(engine, ids))
             if reference is not None:
-                best["transformers"] = min(best.get("transformers", math.inf), transformers_seconds(reference, ids))
-        rows.append({"context": n, **{k: n / s for k, s in best.items()}})
+                fastest["transformers"] = min(fastest.get("transformers", math.inf),
+                                              transformers_seconds(reference, ids))
+        rows.append({"context": n, **{k: n / s for k, s in fastest.items()}})
         for engine in engines.values():
             engine.reset()
         print(f"  context {n:>6}: done", file=sys.stderr)
     for engine in engines.values():
         engine.close()
-    report = {"rows": rows, "best_chunk": {c: best_chunk(rows, c, chunks) for c in CONFIGS},
-              "linearity": {c: rows[-1][f"{c} @{best_chunk(rows, c, chunks)}"]
-                            / rows[0][f"{c} @{best_chunk(rows, c, chunks)}"] for c in CONFIGS}}
+    best = {c: best_chunk(rows, c, chunks) for c in CONFIGS}
+    report = {"rows": rows, "best_chunk": best,
+              "linearity": {c: rows[-1][f"{c} @{best[c]}"] / rows[0][f"{c} @{best[c]}"] for c in CONFIGS}}
     print(format_table(report, chunks))
     if plot:
         write_plot(report, chunks, plot)

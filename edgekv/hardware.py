@@ -301,14 +301,12 @@ def _matvec_gbps(shape, weight_dtype, act_dtype, device, sync, bits: int = 16) -
 
 def _copy(w):
     """A copy of a weight in memory of its own (so repeated layers are not read from cache)."""
-    import dataclasses as dc
-
     import torch
 
     if isinstance(w, torch.Tensor):
         return w.clone()
-    return dc.replace(w, **{f.name: getattr(w, f.name).clone() for f in dc.fields(w)
-                            if isinstance(getattr(w, f.name), torch.Tensor)})
+    return dataclasses.replace(w, **{f.name: getattr(w, f.name).clone() for f in dataclasses.fields(w)
+                                     if isinstance(getattr(w, f.name), torch.Tensor)})
 
 
 def _matmul_gflops(shape, weight_dtype, act_dtype, device, sync, chunk: int = 512) -> float:
