@@ -80,6 +80,63 @@ def passkey_messages(tokenizer, context: int, depth: float, key: int, seed: int)
     return [{"role": "user", "content": text + "\n\nWhat is the secret passkey? Answer with the number only."}]
 
 
+# names of the vaults whose passkeys a shared haystack holds, one per trial of a document
+VAULTS = ("amber", "birch", "cedar", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
+          "kestrel", "lagoon", "maple", "nectar", "onyx", "pepper", "quartz", "raven", "saffron", "tundra",
+          "umber", "velvet", "willow", "xenon", "yarrow", "zephyr", "aspen", "basalt", "coral", "dune",
+          "falcon", "glacier", "heron", "iris", "jasper", "kelp", "lotus", "marble", "nickel", "orchid")
+
+
+def spread_depths(count: int) -> list[float]:
+    """`count` depths evenly from 5% to 95% (one: 50%): where a shared document's needles go."""
+    return [0.5] if count == 1 else [0.05 + 0.9 * i / (count - 1) for i in range(count)]
+
+
+def shared_passkey_document(tokenizer, context: int, keys: list[int], seed: int) -> tuple[str, list[str]]:
+    """A haystack of about `context` tokens (room left for a question and the answer)
+    holding one needle per key, "The passkey of the NAME vault is KEY.", at
+    `spread_depths(len(keys))` of it in order; returns (text, the vault names)."""
+    names = list(VAULTS[:len(keys)])
+    hay = haystack_text(context - 80 - 20 * len(keys), tokenizer, seed)
+    pieces, start = [], 0
+    for name, key, depth in zip(names, keys, spread_depths(len(keys))):
+        cut = int(len(hay) * depth)
+        cut = max(start, hay.rfind("\n", start, cut) + 1 if "\n" in hay[start:cut] else cut)
+        pieces += [hay[start:cut], f"\nThe passkey of the {name} vault is {key}. Remember it.\n"]
+        start = cut
+    return "".join(pieces) + hay[start:], names
+
+
+def shared_passkey_question(name: str) -> str:
+    return f"What is the passkey of the {name} vault? Answer with the number only."
+
+
+def run_passkey(engine, context: int, trials: int, per_document: int = 1) -> dict:
+    """Passkeys hidden in haystacks of about `context` tokens: {"accuracy", "trials"}, each
+    trial's {key, answer, depth, hit}.
+
+    per_document 1: a haystack per trial with one needle at `trial_depth(trial)`.
+    More: each haystack holds `per_document` named needles (`shared_passkey_document`),
+    asked one after another with the document first in the prompt, so its KV is
+    prefilled once and reused (`Engine.prefill` keeps the shared prefix)."""
+    results = []
+    for first in range(0, trials, per_document):
+        group = range(first, min(first + per_document, trials))
+        keys = [random.Random(1000 + t).randint(10000, 99999) for t in group]
+        if per_document == 1:
+            depths = [trial_depth(first)]
+            prompts = [passkey_messages(engine.tokenizer, context, depths[0], keys[0], seed=first)]
+        else:
+            text, names = shared_passkey_document(engine.tokenizer, context, keys, seed=first)
+            depths = spread_depths(len(keys))
+            prompts = [[{"role": "user", "content": f"{text}\n\n{shared_passkey_question(n)}"}] for n in names]
+        for key, depth, messages in zip(keys, depths, prompts):  # a named key's answer often restates the name
+            answer = engine.generate(messages, max_new_tokens=12 if per_document == 1 else 24, stop=["\n"]).text
+            hit = str(key) in re.sub(r"\D", "", answer) or str(key) in answer
+            results.append(dict(key=key, answer=answer.strip(), depth=round(depth, 3), hit=bool(hit)))
+    return {"accuracy": sum(r["hit"] for r in results) / trials, "trials": results}
+
+
 def run_ppl(engine, ids: list[int], score_tokens: int) -> tuple[float, dict]:
     """Perplexity of the last `score_tokens` tokens, and the selection figures of those steps."""
     engine.reset()
@@ -158,19 +215,6 @@ def run_agreement(engine, doc: list[int], new_tokens: int, reference: dict | Non
                 forced_agreement=float((best == torch.tensor(reference["tokens"])).float().mean()))
 
 
-def run_passkey(engine, context: int, trials: int) -> float:
-    hits = 0
-    for t in range(trials):
-        depth = trial_depth(t)
-        key = random.Random(1000 + t).randint(10000, 99999)
-        engine.reset()
-        answer = engine.generate(passkey_messages(engine.tokenizer, context, depth, key, seed=t),
-                                 max_new_tokens=12).text
-        hits += str(key) in re.sub(r"\D", "", answer) or str(key) in answer
-    engine.reset()
-    return hits / trials
-
-
 # ---- kld: how far each next-token distribution moves from dense's --------------------
 
 
@@ -238,28 +282,30 @@ class _KldStep:
 
 
 def run_kld(engine, documents: list[list[int]], tokens: int,
-            reference: KldReference | None) -> tuple[dict, KldReference]:
+            reference: KldReference | None, reverse: bool = False) -> tuple[dict, KldReference]:
     """Score the last `tokens` tokens of each document (token ids) as decode steps and
     compare every next-token distribution with the reference's.
 
     Without a reference this run is the reference: it is recorded, and its figures compare
     it with itself (KL 0, top-1 1.0, perplexity ratio 1.0). Returns (figures, reference): see `kld_figures`; the
     figures also carry the selection figures of the scored steps (block share attended,
-    prefetch hit rate: means over the documents)."""
+    prefetch hit rate: means over the documents). `reverse` scores the documents last to
+    first (the figures keep the documents' order): an engine whose cache holds the last
+    document another configuration scored starts with it, its prefill reused."""
     record = reference is None
     reference = KldReference() if record else reference
-    kls, agree, nlls, selections = [], [], [], []
-    for d, doc in enumerate(documents):
+    if record and reverse:
+        raise EdgekvError("the reference run scores the documents in order")  # pragma: no cover
+    count = len(documents)
+    kls, agree, nlls, selections = [None] * count, [None] * count, [None] * count, []
+    for d in (reversed(range(count)) if reverse else range(count)):
+        doc = documents[d]
         step = _KldStep(reference, d, tokens, record)
-        engine.reset()
         nll = engine.score(doc, prefill=len(doc) - tokens, on_logits=step)
         selections.append(selection_figures(engine, tokens - 1))
         if record:
             reference.nll.append(nll)
-        kls.append(step.kl)
-        agree.append(step.same)
-        nlls.append(nll)
-    engine.reset()
+        kls[d], agree[d], nlls[d] = step.kl, step.same, nll
     figures = kld_figures(kls, agree, nlls, reference)
     for key in SELECTION_KEYS:
         values = [s[key] for s in selections if key in s]
@@ -525,22 +571,96 @@ def extract_messages(encode, corpus: SourceCorpus, question: ExtractQuestion, co
     return best
 
 
+def shared_extract_document(encode, corpus: SourceCorpus, context: int, count: int,
+                            kinds: tuple[str, ...], seed: int) -> tuple[str, list[tuple[ExtractQuestion, float]]]:
+    """One window of the corpus (consecutive lines, never wrapping) and `count` questions
+    about functions inside it, their `def` lines as near as the source allows to
+    `spread_depths(count)` of it, the kinds alternating, an answer drawn before a question
+    (as `extract_question`) among the functions near each depth, no question twice. Of up
+    to 400 windows (starts drawn by `seed`) holding enough questions of each kind, the
+    one whose picks come nearest their depths (mean distance). With the longest question
+    and EXTRACT_ANSWER_TOKENS of answer every prompt fits `context` tokens. Returns (the
+    code, [(question, the def line's depth in tokens)])."""
+    n, tok = len(corpus.lines), corpus.tokens
+    after = [0] * (n + 1)  # tokens from line i to the corpus's end
+    for i in range(n - 1, -1, -1):
+        after[i] = after[i + 1] + tok[i]
+    wanted = {kind: len(range(k, count, len(kinds))) for k, kind in enumerate(kinds)}
+
+    def window(start: int, budget: int) -> tuple[int, list[tuple[ExtractQuestion, float]] | None]:
+        """(end line, the picks with their depths; None when too few questions fit)."""
+        end, total = start, 0
+        while end < n and total + tok[end] <= budget:
+            total += tok[end]
+            end += 1
+        inside = {kind: [q for q in corpus.questions[kind] if start <= q.first_line and q.last_line < end]
+                  for kind in kinds}
+        if any(len(inside[k]) < wanted[k] for k in kinds):
+            return end, None
+        before = [0] * (end - start + 1)
+        for i in range(start, end):
+            before[i - start + 1] = before[i - start] + tok[i]
+        picks, used, rng = [], set(), random.Random(6000 + seed)
+        for i, depth in enumerate(spread_depths(count)):
+            free = [q for q in inside[kinds[i % len(kinds)]] if q not in used]
+            near = sorted(free, key=lambda q: abs(before[q.first_line - start] / total - depth))
+            pool = [q for q in near if abs(before[q.first_line - start] / total - depth) <= 0.45 / count] or near[:1]
+            answer = rng.choice(sorted({q.answer for q in pool}))
+            question = rng.choice([q for q in pool if q.answer == answer])
+            used.add(question)
+            picks.append((question, before[question.first_line - start] / total))
+        return end, picks
+
+    def miss(picks) -> float:
+        return sum(abs(d - goal) for (_, d), goal in zip(picks, spread_depths(count))) / count
+
+    budget = context - EXTRACT_ANSWER_TOKENS - 200
+    starts = [i for i in range(n) if after[i] >= context]
+    random.Random(5000 + seed).shuffle(starts)
+    found = [(miss(picks), start) for start in starts[:400] if (picks := window(start, budget)[1]) is not None]
+    if not found:
+        raise EdgekvError(f"no window of {context} tokens of the source holds {count} questions: "
+                          f"use fewer --trials-per-document or a longer context")
+    start = min(found)[1]
+    for _ in range(6):  # lines encoded alone count more tokens than the whole has: adjust
+        end, picks = window(start, budget)
+        code = "".join(corpus.lines[start:end])
+        longest = max(len(encode(_extract_messages(code, q))) for q, _ in picks) + EXTRACT_ANSWER_TOKENS
+        if longest > context:
+            budget -= longest - context + 8
+            continue
+        if longest >= context - context // 50:
+            break
+        budget += context - longest
+    if longest > context:
+        raise EdgekvError(f"cannot fit an extraction document into {context} tokens")  # pragma: no cover
+    return code, picks
+
+
 def run_extract(engine, corpus: SourceCorpus, context: int, trials: int,
-                kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS) -> dict:
+                kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS, per_document: int = 1) -> dict:
     """Greedy answers to `trials` extraction questions (of the `kinds`, alternating) in
-    documents of about `context` tokens, depths cycling 5%..95%: accuracy overall and per
-    kind, and each trial's {kind, function, parameter, expected, answer, depth, hit}."""
+    documents of about `context` tokens: accuracy overall and per kind, and each trial's
+    {kind, function, parameter, expected, answer, depth, hit}.
+
+    per_document 1: a document per question, depths cycling 5%..95%. More: each document
+    (`shared_extract_document`) is asked `per_document` questions spread over its depths,
+    the source first in the prompt, so its KV is prefilled once and reused."""
     results = []
     source_tokens = context - 200  # a safe lower bound of what the window holds, for drawing questions
-    for t in range(trials):
-        question = extract_question(corpus, t, source_tokens, kinds)
-        messages, depth = extract_messages(engine.encode, corpus, question, context, trial_depth(t))
-        engine.reset()
-        answer = engine.generate(messages, max_new_tokens=EXTRACT_ANSWER_TOKENS, stop=["\n"]).text
-        results.append(dict(kind=question.kind, function=question.function, parameter=question.parameter,
-                            expected=question.answer, answer=answer.strip(), depth=round(depth, 3),
-                            hit=answer_matches(answer, question.answer)))
-    engine.reset()
+    for first in range(0, trials, per_document):
+        group = range(first, min(first + per_document, trials))
+        if per_document == 1:
+            question = extract_question(corpus, first, source_tokens, kinds)
+            asked = [extract_messages(engine.encode, corpus, question, context, trial_depth(first)) + (question,)]
+        else:
+            code, picks = shared_extract_document(engine.encode, corpus, context, len(group), kinds, seed=first)
+            asked = [(_extract_messages(code, q), depth, q) for q, depth in picks]
+        for messages, depth, question in asked:
+            answer = engine.generate(messages, max_new_tokens=EXTRACT_ANSWER_TOKENS, stop=["\n"]).text
+            results.append(dict(kind=question.kind, function=question.function, parameter=question.parameter,
+                                expected=question.answer, answer=answer.strip(), depth=round(depth, 3),
+                                hit=answer_matches(answer, question.answer)))
     figures = {"accuracy": sum(r["hit"] for r in results) / trials, "trials": results}
     for kind in kinds:
         hits = [r["hit"] for r in results if r["kind"] == kind]
@@ -553,7 +673,8 @@ def run_extract(engine, corpus: SourceCorpus, context: int, trials: int,
 
 def check_options(tasks: list[str], *, kld_docs: int, kld_context: int, kld_tokens: int, agreement_docs: int,
                   passkey_contexts: list[int], passkey_trials: int, extract_contexts: list[int],
-                  extract_trials: int, extract_kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS) -> None:
+                  extract_trials: int, extract_kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS,
+                  trials_per_document: int = 1) -> None:
     """Reject bad options before any model loads: one EdgekvError naming the option."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -578,6 +699,8 @@ def check_options(tasks: list[str], *, kld_docs: int, kld_context: int, kld_toke
         if not extract_kinds or set(extract_kinds) - set(EXTRACT_KINDS):
             raise EdgekvError(f"--extract-kinds must be some of {', '.join(EXTRACT_KINDS)} "
                               f"(got {', '.join(extract_kinds)})")
+    if not 1 <= trials_per_document <= len(VAULTS):
+        raise EdgekvError(f"--trials-per-document must be 1 to {len(VAULTS)} (got {trials_per_document})")
 
 
 def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: list[str] = DEFAULT_TASKS,
@@ -585,19 +708,28 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
                       agreement_tokens: int = 64, passkey_contexts: list[int] = (4096,), passkey_trials: int = 25,
                       plot: Path | None = None, agreement_docs: int = 4, kld_docs: int = 4, kld_context: int = 8192,
                       kld_tokens: int = 256, extract_contexts: list[int] = (4096,),
-                      extract_trials: int = 25, extract_kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS) -> list[dict]:
+                      extract_trials: int = 25, extract_kinds: tuple[str, ...] = EXTRACT_DEFAULT_KINDS,
+                      trials_per_document: int = 1) -> list[dict]:
     """Run each task for the dense reference and every config; print a table, plot, return rows.
 
     kld: `kld_docs` documents of `kld_context` tokens, the last `kld_tokens` of each scored
     as decode steps. extract: `extract_trials` questions (of `extract_kinds`, alternating)
-    at each of `extract_contexts` (tokens). The module docstring describes every task."""
+    at each of `extract_contexts` (tokens). passkey and extract: `trials_per_document`
+    trials share one document (its KV prefilled once per configuration). The module
+    docstring describes every task.
+
+    A configuration that differs from the one before only in selection keys (budget,
+    scorer knobs: not the KV layout nor the weights) reuses its engine through
+    `Engine.update_policy`, and with it the KV of the documents that engine last held
+    (prefill does not depend on those keys)."""
     from .engine import load
 
     tasks = list(tasks)
     passkey_contexts, extract_contexts = list(passkey_contexts), list(extract_contexts)
     check_options(tasks, kld_docs=kld_docs, kld_context=kld_context, kld_tokens=kld_tokens,
                   agreement_docs=agreement_docs, passkey_contexts=passkey_contexts, passkey_trials=passkey_trials,
-                  extract_contexts=extract_contexts, extract_trials=extract_trials, extract_kinds=tuple(extract_kinds))
+                  extract_contexts=extract_contexts, extract_trials=extract_trials, extract_kinds=tuple(extract_kinds),
+                  trials_per_document=trials_per_document)
     reference = load(model, progress=False, offload=False)
     needed = {"kld": [("--kld-context", kld_context)], "ppl": [("--ppl-context", ppl_context)],
               "agreement": [("--agreement-doc + --agreement-tokens + 32", agreement_doc + agreement_tokens + 32)],
@@ -617,13 +749,26 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
     rows = []
     all_configs = {"dense": {"offload": False}, **configs}
     ref_ppl = references = kld_reference = None
+    engine = previous = None
+    reverse = False  # whether the last kld run scored its documents last to first
+    dense_trials: dict[str, list[dict]] = {}  # the dense answers of passkey and extract, by task@context
     for n, (label, policy) in enumerate(all_configs.items()):
         started = time.perf_counter()
         print(f"[{n + 1}/{len(all_configs)}] {label}: {', '.join(tasks)} …", file=sys.stderr, flush=True)
-        engine = reference if label == "dense" else load(model, progress=False, **policy)
+        changes = selection_changes(previous, policy) if engine is not None and engine is not reference else None
+        if label == "dense":
+            engine = reference
+        elif changes is not None:
+            engine.update_policy(**changes)
+        else:
+            if engine is not None and engine is not reference:
+                engine.close()
+            engine = load(model, progress=False, **policy)
+        previous = policy
         row: dict = {"config": label, "policy": policy}
         if "kld" in tasks:
-            figures, kld_reference = run_kld(engine, kld_docs_ids, kld_tokens, kld_reference)
+            reverse = changes is not None and not reverse  # start with the document the cache holds
+            figures, kld_reference = run_kld(engine, kld_docs_ids, kld_tokens, kld_reference, reverse)
             if engine is reference:
                 figures["near_tie_positions"] = sum(int((m < NEAR_TIE).sum()) for m in kld_reference.margins)
             row.update(figures)
@@ -644,25 +789,55 @@ def run_quality_bench(model: str | None, configs: dict[str, dict], *, tasks: lis
             row.update(result)
         if "passkey" in tasks:
             for context in passkey_contexts:
-                row[f"passkey@{context}"] = run_passkey(engine, context, passkey_trials)
+                result = run_passkey(engine, context, passkey_trials, trials_per_document)
+                row[f"passkey@{context}"] = result["accuracy"]
+                row[f"passkey_trials@{context}"] = result["trials"]
+                row[f"passkey_same@{context}"] = same_answers(result["trials"], dense_trials, f"passkey@{context}")
         if "extract" in tasks:
             for context in extract_contexts:
-                result = run_extract(engine, corpus, context, extract_trials, extract_kinds)
+                result = run_extract(engine, corpus, context, extract_trials, extract_kinds, trials_per_document)
                 row[f"extract@{context}"] = result["accuracy"]
                 for kind in extract_kinds:
                     row[f"extract_{kind}@{context}"] = result[kind]
                 row[f"extract_trials@{context}"] = result["trials"]
+                row[f"extract_same@{context}"] = same_answers(result["trials"], dense_trials, f"extract@{context}")
         row["seconds"] = round(time.perf_counter() - started, 1)
-        if engine is not reference:
-            engine.close()
+        if engine is reference:
+            reference.reset()  # its KV is not needed again
         rows.append(row)
         print("   " + format_row(row), file=sys.stderr, flush=True)
+    if engine is not reference:
+        engine.close()
     reference.close()
     print(format_table(rows, tasks))
     if plot:
         write_plot(rows, tasks, plot)
         print(f"plot written to {plot}", file=sys.stderr)
     return rows
+
+
+def same_answers(trials: list[dict], dense_trials: dict[str, list[dict]], key: str) -> float:
+    """The share of `trials` whose answer is dense's answer to the same trial (the dense
+    run records its own, and scores 1.0): a paired figure, where accuracy alone hides
+    which trials moved."""
+    reference = dense_trials.setdefault(key, trials)
+    return sum(a["answer"] == b["answer"] for a, b in zip(trials, reference)) / len(trials)
+
+
+# policy keys an engine takes through `Engine.update_policy` keeping its KV
+SELECTION_POLICY_KEYS = ("budget", "sink_blocks", "dense_layers", "speculate", "head_budget")
+
+
+def selection_changes(before: dict, after: dict) -> dict | None:
+    """The policy changes from config `before` to `after` (both as given to `load`) when
+    they are all selection keys, else None (the next config needs an engine of its own)."""
+    from .config import Policy
+
+    defaults = Policy()
+    keys = set(before) | set(after)
+    changed = {k: after.get(k, getattr(defaults, k)) for k in keys
+               if before.get(k, getattr(defaults, k)) != after.get(k, getattr(defaults, k))}
+    return changed if set(changed) <= set(SELECTION_POLICY_KEYS) else None
 
 
 def _is_accuracy(key: str) -> bool:
@@ -698,12 +873,13 @@ def format_row(row: dict) -> str:
                          f"(first differences: {', '.join(firsts)})")
     for key, value in row.items():
         if key.startswith("passkey@"):
-            parts.append(f"{key} {value:.0%}")
+            context = key.removeprefix("passkey@")
+            parts.append(f"{key} {value:.0%} (answers as dense's: {row[f'passkey_same@{context}']:.0%})")
         elif key.startswith("extract@"):
             context = key.removeprefix("extract@")
             kinds = ", ".join(f"{kind} {_share(row[f'extract_{kind}@{context}'], 0)}" for kind in EXTRACT_KINDS
                               if f"extract_{kind}@{context}" in row)
-            parts.append(f"{key} {value:.0%} ({kinds})")
+            parts.append(f"{key} {value:.0%} ({kinds}; answers as dense's: {row[f'extract_same@{context}']:.0%})")
     if "selected_fraction" in row:
         parts.append(f"blocks attended {row['selected_fraction']:.1%}")
     if "prefetch_hit_rate" in row:
@@ -721,7 +897,7 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
     if "agreement" in tasks:
         head += f" {'agree':>6} {'same first':>10} {'forced':>7} {'docs same':>9}"
     accuracies = [k for k in rows[0] if _is_accuracy(k)]
-    head += "".join(f" {k:>13}" for k in accuracies)
+    head += "".join(f" {k:>13} {'=dense':>6}" for k in accuracies)
     head += f" {'blocks':>7} {'hit rate':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -734,13 +910,15 @@ def format_table(rows: list[dict], tasks: list[str]) -> str:
         if "agreement" in tasks:
             docs = f"{r['identical_docs']}/{len(r['identical_prefixes'])}"
             line += f" {r['agreement']:>6.0%} {r['identical_prefix']:>10} {r['forced_agreement']:>7.0%} {docs:>9}"
-        line += "".join(f" {r[k]:>13.0%}" for k in accuracies)
+        line += "".join(f" {r[k]:>13.0%} {r[k.replace('@', '_same@')]:>6.0%}" for k in accuracies)
         line += f" {_share(r.get('selected_fraction')):>7} {_share(r.get('prefetch_hit_rate')):>8}"
         lines.append(line)
     if "kld" in tasks:
         lines.append(f"KLD: KL(dense || config) in nats per scored position; top-1: argmax equal to dense's; "
                      f"ppl x: perplexity / dense's over the same tokens; ties: share of top-1 differences "
                      f"where dense's top-two margin is below {NEAR_TIE} logits")
+    if accuracies:
+        lines.append("=dense: share of trials answered exactly as dense answered them")
     return "\n".join(lines)
 
 

@@ -144,11 +144,14 @@ TURN_TOKENS = 2  # decode tokens an engine runs before the next one takes its tu
 
 def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: int, plot: Path,
                     threads: int | None, budgets: list[int | str] = (), baseline: str | None = None,
-                    weight_bits: list[int] = (), profile_policy: dict | None = None) -> list[dict]:
+                    weight_bits: list[int] = (), profile_policy: dict | None = None,
+                    transformers: bool = True) -> list[dict]:
     """Time transformers and each edgekv configuration at every context, taking turns
     (see the module doc); print ratios to transformers, and of each sparse budget to
     edgekv dense. baseline: a git ref whose edgekv also runs each configuration, in a
-    worker process, in the same turns (`edgekv.bench_baseline`)."""
+    worker process, in the same turns (`edgekv.bench_baseline`). transformers=False
+    leaves transformers out (at long contexts its whole-prompt forward is the slowest
+    part of the run); the ratios to it are then None."""
     from transformers import AutoModelForCausalLM
 
     from .engine import load
@@ -168,7 +171,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
     first = next(iter(engines.values()))
     if max(contexts) + decode_tokens > first.max_context:
         raise EdgekvError(f"context {max(contexts)} + {decode_tokens} decode tokens exceeds the model's {first.max_context}")
-    reference = AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
+    reference = (AutoModelForCausalLM.from_pretrained(first.source.folder, dtype=first.dtype).to(first.device).eval()
+                 if transformers else None)
     llm = None
     if llamacpp.available() and (gguf := llamacpp.gguf_file(model)) is not None and first.device.type == "cpu":
         llm = llamacpp.load_llamacpp(gguf, context=max(contexts) + decode_tokens + 64, threads=torch.get_num_threads())
@@ -178,7 +182,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
     weights, activations = (str(t).removeprefix("torch.") for t in (first.weight_dtype, first.dtype))
     print(f"bench speed: {first.model_name} on {first.device} ({torch.get_num_threads()} threads), "
           f"{decode_tokens} decode tokens per context, engines taking turns every {TURN_TOKENS}; "
-          f"edgekv weights {weights} with {activations} activations, transformers all {activations}",
+          f"edgekv weights {weights} with {activations} activations"
+          + (f", transformers all {activations}" if reference is not None else ", transformers left out"),
           file=sys.stderr)
     short = prompt_ids(first.tokenizer, 64)
     names = [n for name in configs for n in (name, *([f"{name} @{baseline}"] if worker else []))]
@@ -187,11 +192,13 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
         warm_up.update({f"{name} @{baseline}": baseline_runner(worker, name, short, 4) for name in configs})
     if llm:
         warm_up["llama.cpp"] = llamacpp.llamacpp_runner(llm, short, 4)
-    run_in_turns({**warm_up, "transformers": transformers_runner(reference, short, 4)}, 1)
+    if reference is not None:
+        warm_up["transformers"] = transformers_runner(reference, short, 4)
+    run_in_turns(warm_up, 1)
     rows = []
     for n in contexts:
         ids = prompt_ids(first.tokenizer, n)
-        runners = {"transformers": transformers_runner(reference, ids, decode_tokens)}
+        runners = {"transformers": transformers_runner(reference, ids, decode_tokens)} if reference is not None else {}
         for name, engine in engines.items():
             runners[name] = edgekv_runner(engine, ids, decode_tokens)
             if worker:
@@ -206,7 +213,8 @@ def run_speed_bench(model: str | None, contexts: list[int], *, decode_tokens: in
             engine.reset()  # free this context's KV before the next context
         for name in names:
             for key in ("prefill_tok_s", "decode_tok_s"):
-                row[name][key.replace("_tok_s", "_ratio")] = row[name][key] / row["transformers"][key]
+                row[name][key.replace("_tok_s", "_ratio")] = (row[name][key] / row["transformers"][key]
+                                                              if reference is not None else None)
             row[name]["decode_vs_dense"] = row[name]["decode_tok_s"] / row[dense_of(name, names)]["decode_tok_s"]
         if llm:
             for name in names:
@@ -238,13 +246,17 @@ def format_table(rows: list[dict], names: list[str]) -> str:
             f"{'x transf.':>10} {'x dense':>8}  kv ms/token")
     lines = [head, "-" * len(head)]
     for r in rows:
-        t = r["transformers"]
-        lines.append(f"{r['context']:>8}  {'transformers':<30} {t['prefill_tok_s']:>14.0f} {'':>10} {t['decode_tok_s']:>13.1f}")
+        t = r.get("transformers")
+        if t:
+            lines.append(f"{r['context']:>8}  {'transformers':<30} {t['prefill_tok_s']:>14.0f} {'':>10} "
+                         f"{t['decode_tok_s']:>13.1f}")
+        else:
+            lines.append(f"{r['context']:>8}  (transformers left out)")
         if "llama.cpp" in r:
             c = r["llama.cpp"]
             lines.append(f"{'':>8}  {'llama.cpp (same GGUF)':<30} {c['prefill_tok_s']:>14.0f} "
-                         f"{c['prefill_tok_s'] / t['prefill_tok_s']:>9.2f}x {c['decode_tok_s']:>13.1f} "
-                         f"{c['decode_tok_s'] / t['decode_tok_s']:>9.2f}x")
+                         f"{_times(c['prefill_tok_s'] / t['prefill_tok_s'] if t else None)} {c['decode_tok_s']:>13.1f} "
+                         f"{_times(c['decode_tok_s'] / t['decode_tok_s'] if t else None)}")
         for name in names:
             e = r[name]
             split = e.get("decode_ms_per_token")
@@ -252,13 +264,18 @@ def format_table(rows: list[dict], names: list[str]) -> str:
             for label, key in (("llama.cpp", "vs_llamacpp"), ("baseline", "vs_baseline")):
                 if versus := e.get(key):
                     where += f"  vs {label}: prefill {versus['prefill_tok_s']:.2f}x, decode {versus['decode_tok_s']:.2f}x"
-            lines.append(f"{'':>8}  {name:<30} {e['prefill_tok_s']:>14.0f} {e['prefill_ratio']:>9.2f}x"
-                         f" {e['decode_tok_s']:>13.1f} {e['decode_ratio']:>9.2f}x {e['decode_vs_dense']:>7.2f}x{where}")
+            lines.append(f"{'':>8}  {name:<30} {e['prefill_tok_s']:>14.0f} {_times(e['prefill_ratio'])}"
+                         f" {e['decode_tok_s']:>13.1f} {_times(e['decode_ratio'])} {e['decode_vs_dense']:>7.2f}x{where}")
         if "ceiling_vs_dense" in r:
             lines.append(f"{'':>8}  {'ceiling':<30} {'':>14} {'':>10} {r['short_context_decode_tok_s']:>13.1f} {'':>10} "
                          f"{r['ceiling_vs_dense']:>7.2f}x  dense decode at a 64-token context: the most any "
                          f"budget can gain here were its attention free")
     return "\n".join(lines)
+
+
+def _times(ratio: float | None) -> str:
+    """A ratio in the table's 10-character column ("—" without transformers)."""
+    return f"{ratio:>9.2f}x" if ratio is not None else f"{'—':>10}"
 
 
 def write_plot(rows: list[dict], path: Path, names: list[str]) -> None:
@@ -272,7 +289,7 @@ def write_plot(rows: list[dict], path: Path, names: list[str]) -> None:
     ctx = [r["context"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "prefill_tok_s", "prefill"), (axes[1], "decode_tok_s", "decode")):
-        for name in ("transformers", *(["llama.cpp"] if "llama.cpp" in rows[0] else []), *names):
+        for name in (*(n for n in ("transformers", "llama.cpp") if n in rows[0]), *names):
             ax.plot(ctx, [r[name][key] for r in rows], marker="o", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")

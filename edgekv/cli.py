@@ -234,6 +234,8 @@ def bench_speed(
                                     "weight widths (e.g. 16,8,4; default: the model's own)."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="A git ref of this checkout whose edgekv runs each "
                                            "configuration too, in turns (before/after a change)."),
+    transformers: bool = typer.Option(True, "--transformers/--no-transformers",
+                                      help="Time transformers too (its ratios are left out without it)."),
     policy: dict = None,
 ) -> None:
     """Prefill and decode tok/s of edgekv vs transformers' generate (and llama.cpp), side by
@@ -250,7 +252,7 @@ def bench_speed(
             raise EdgekvError(f"invalid --weight-bits {weight_bits!r}: give a list such as 16,8,4") from None
         rows = run_speed_bench(model, parse_contexts(contexts), decode_tokens=decode_tokens,
                                plot=plot, threads=threads, budgets=budget_list, baseline=baseline,
-                               weight_bits=bits_list, profile_policy=policy or None)
+                               weight_bits=bits_list, profile_policy=policy or None, transformers=transformers)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 
@@ -303,6 +305,9 @@ def bench_quality(
     extract_trials: int = typer.Option(25, "--extract-trials", help="extract: questions per context (depths cycle 5%..95%)."),
     extract_kinds: str = typer.Option("default", "--extract-kinds", help="extract: question kinds, default (a "
                                       "parameter's default value) and/or return (what a function returns)."),
+    trials_per_document: int = typer.Option(1, "--trials-per-document", help="passkey/extract: trials that share one "
+                                            "document (one needle or question each, depths spread 5%..95%), its KV "
+                                            "prefilled once per configuration; 1: a document per trial."),
     scorers: str = typer.Option("keys4", "--scorers", help="Comma-separated block scorers to compare at sparse budgets."),
     head_budgets: str = typer.Option("auto", "--head-budgets", help="Comma-separated head budgets (auto, adaptive, uniform) to compare at sparse budgets."),
     model: Optional[str] = ModelOpt,
@@ -325,7 +330,7 @@ def bench_quality(
                                  extract_contexts=parse_contexts(extract_contexts, "--extract-contexts"),
                                  extract_trials=extract_trials,
                                  extract_kinds=tuple(k.strip() for k in extract_kinds.split(",") if k.strip()),
-                                 plot=plot)
+                                 trials_per_document=trials_per_document, plot=plot)
         if stats_json:
             write_json(stats_json, {"rows": rows})
 

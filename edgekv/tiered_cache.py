@@ -229,16 +229,17 @@ class TieredKVCache:
     def truncate(self, num_tokens: int) -> int:
         """Keep at most the first `num_tokens` tokens; returns how many were kept.
 
-        Compressed blocks are not decompressed back into the exact tail, so a cut inside
-        the compressed part keeps only the whole blocks before it.
+        Compressed blocks are not decompressed back into the exact tail: the cut keeps the
+        blocks a fresh prefill of `num_tokens` tokens would have compressed (those at least
+        `recent_window` tokens old), so once the caller runs the tokens after the returned
+        count again, the last `recent_window` tokens are exact as after a fresh prefill.
         """
         num_tokens = min(num_tokens, self.length)
         B = self.layout.block_size
-        compressed = self.num_blocks * B
-        if num_tokens >= compressed:
-            self.exact.truncate(num_tokens - compressed)
+        keep_blocks = min(self.num_blocks, max(0, num_tokens - self.recent_window) // B)
+        if keep_blocks == self.num_blocks:
+            self.exact.truncate(num_tokens - keep_blocks * B)
         else:
-            keep_blocks = num_tokens // B
             dropped = torch.arange(keep_blocks, self.num_blocks)
             for layer in range(self.layout.num_layers):
                 self.store.free(self.layout.row_ids(layer, self.recompute.stored(dropped)))

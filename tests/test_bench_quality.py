@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 from edgekv import bench_quality
 from edgekv.bench_quality import (DEPTHS, EXTRACT_ANSWER_TOKENS, EXTRACT_KINDS, NEAR_TIE, KldReference,
                                   agreement_documents, answer_matches, extract_messages, extract_question,
-                                  kl_divergence, kld_figures, parse_configs, run_agreements, run_quality_bench,
-                                  source_corpus, stored_logprobs)
+                                  kl_divergence, kld_figures, parse_configs, run_agreements, run_extract,
+                                  run_passkey, run_quality_bench, selection_changes, shared_extract_document,
+                                  shared_passkey_document, shared_passkey_question, source_corpus, spread_depths, stored_logprobs)
 from edgekv.cli import app
 from edgekv.engine import load
 from edgekv.errors import EdgekvError
@@ -217,6 +218,101 @@ def test_bench_quality_extract_reports_accuracy_per_context_and_kind(tiny_models
     assert "extract@400" in capsys.readouterr().out
 
 
+# ---- trials sharing a document ------------------------------------------------------------------
+
+
+def test_a_shared_haystack_holds_each_named_key_once_at_spread_depths(tiny_engine):
+    keys = [11111, 22222, 33333, 44444, 55555]
+    text, names = shared_passkey_document(tiny_engine.tokenizer, 1500, keys, seed=0)
+    assert len(set(names)) == len(keys)
+    places = []
+    for name, key in zip(names, keys):
+        needle = f"The passkey of the {name} vault is {key}."
+        assert text.count(needle) == 1 and text.count(str(key)) == 1
+        places.append(text.index(needle) / len(text))
+    assert places == sorted(places)
+    assert places == pytest.approx(spread_depths(len(keys)), abs=0.05)
+    prompt = [{"role": "user", "content": f"{text}\n\n{shared_passkey_question(names[-1])}"}]
+    assert 1500 * 0.9 <= len(tiny_engine.encode(prompt)) + 24 <= 1500  # the document, a question and its answer
+
+
+def _prefill_spy(engine, monkeypatch) -> list[tuple[int, int]]:
+    """(prompt tokens, tokens reused from the cache) of each of the engine's prefills."""
+    seen, real = [], engine.prefill
+
+    def prefill(ids, on_progress=None):
+        logits, reused = real(ids, on_progress)
+        seen.append((len(ids), reused))
+        return logits, reused
+    monkeypatch.setattr(engine, "prefill", prefill)
+    return seen
+
+
+def test_passkey_trials_sharing_a_haystack_prefill_it_once(tiny_models, monkeypatch):
+    engine = load(str(tiny_models["llama3"]), progress=False, kv_bits=4, budget="25%")
+    seen = _prefill_spy(engine, monkeypatch)
+    result = run_passkey(engine, 600, trials=6, per_document=3)
+    assert len(seen) == 6 and len(result["trials"]) == 6
+    assert result["accuracy"] == sum(t["hit"] for t in result["trials"]) / 6
+    assert [t["depth"] for t in result["trials"][:3]] == [round(d, 3) for d in spread_depths(3)]
+    for first in (0, 3):  # each haystack's first trial prefills it, the next two reuse all but the question
+        assert seen[first][1] < 64
+        for total, reused in seen[first + 1:first + 3]:
+            assert total - reused < 64 + 40  # the question's tokens, and at most a block + window of the tail
+    engine.close()
+
+
+def test_a_shared_source_document_asks_distinct_questions_inside_it_at_spread_depths(tiny_engine, corpus):
+    context, count = 2000, 4
+    code, picks = shared_extract_document(tiny_engine.encode, corpus, context, count, EXTRACT_KINDS, seed=0)
+    assert len({q for q, _ in picks}) == count
+    assert [q.kind for q, _ in picks] == [EXTRACT_KINDS[i % 2] for i in range(count)]
+    for (q, depth), goal in zip(picks, spread_depths(count)):
+        span = "".join(corpus.lines[q.first_line:q.last_line + 1])
+        assert code.count(corpus.lines[q.first_line]) >= 1 and span in code
+        assert 0 <= depth < 1
+        messages = bench_quality._extract_messages(code, q)
+        assert len(tiny_engine.encode(messages)) + EXTRACT_ANSWER_TOKENS <= context
+    depths = [d for _, d in picks]
+    assert depths[0] < 0.5 < depths[-1]  # spread from the start to the end, not bunched
+
+
+def test_extraction_questions_sharing_a_document_reuse_its_prefill(tiny_models, monkeypatch):
+    monkeypatch.setattr(bench_quality, "EXTRACT_ANSWER_TOKENS", 8)
+    engine = load(str(tiny_models["llama3"]), progress=False, offload=False)
+    seen = _prefill_spy(engine, monkeypatch)
+    corpus = source_corpus(engine.tokenizer)
+    figures = run_extract(engine, corpus, 1200, trials=3, kinds=EXTRACT_KINDS, per_document=3)
+    assert len(figures["trials"]) == 3 and len(seen) == 3
+    assert all(total - reused < 80 for total, reused in seen[1:])
+    assert len({t["function"] + str(t["parameter"]) for t in figures["trials"]}) == 3
+    engine.close()
+
+
+def test_a_config_differing_only_in_selection_reuses_the_engine_and_scores_as_its_own_would(tiny_models, monkeypatch):
+    assert selection_changes({"kv_bits": 4}, {"kv_bits": 4, "budget": "25%"}) == {"budget": "25%"}
+    assert selection_changes({"kv_bits": 4, "budget": "25%"}, {"kv_bits": 8, "budget": "25%"}) is None
+    assert selection_changes({"kv_bits": 4}, {"kv_bits": 4, "weight_bits": 8}) is None
+    import edgekv.engine
+    loads, real = [], edgekv.engine.load
+
+    def counting_load(*args, **kwargs):
+        loads.append(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr("edgekv.engine.load", counting_load)
+    options = dict(tasks=["kld"], kld_docs=2, kld_context=300, kld_tokens=8, plot=None)
+    shared = run_quality_bench(str(tiny_models["llama3"]), {"4-bit": {"kv_bits": 4},
+                                                           "4-bit, 25%": {"kv_bits": 4, "budget": "25%"},
+                                                           "4-bit, 50%": {"kv_bits": 4, "budget": "50%"}}, **options)
+    assert len(loads) == 2  # the reference, and one 4-bit engine for its three budgets
+    alone = run_quality_bench(str(tiny_models["llama3"]), {"4-bit, 25%": {"kv_bits": 4, "budget": "25%"}}, **options)
+    assert shared[2]["selected_fraction"] == alone[1]["selected_fraction"] < shared[3]["selected_fraction"]
+    # the same up to the re-prefilled tail's rounding: the reused cache attended to compressed
+    # blocks where a fresh single-chunk prefill attended to exact tokens
+    assert shared[2]["kld_doc_means"] == pytest.approx(alone[1]["kld_doc_means"], rel=0.2)
+    assert shared[2]["top1"] == alone[1]["top1"]
+
+
 # ---- options ----------------------------------------------------------------------------------
 
 
@@ -297,7 +393,8 @@ def test_bench_quality_reports_each_task_against_dense(tiny_models, tmp_path, ca
     assert dense["ppl_ratio"] == 1.0 and dense["agreement"] == dense["forced_agreement"] == 1.0
     assert dense["top1"] == 1.0 and sparse["kld_mean"] >= 0 and 0 <= sparse["top1"] <= 1
     assert sparse["ppl_ratio"] > 0 and 0 <= sparse["forced_agreement"] <= 1 and 0 <= sparse["agreement"] <= 1
-    assert 0 < sparse["selected_fraction"] <= 1 and "passkey@200" in sparse
+    assert 0 < sparse["selected_fraction"] <= 1 and 0 <= sparse["passkey@200"] <= 1
+    assert [t["key"] for t in sparse["passkey_trials@200"]] == [t["key"] for t in dense["passkey_trials@200"]]
     assert "4-bit, 25%" in capsys.readouterr().out and (tmp_path / "q.png").stat().st_size > 0
 
 

@@ -178,9 +178,13 @@ def test_triton_multiplies_half_activations_in_their_precision_and_sums_in_fp32(
     assert ((y.float() - twin).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("blocks", ["one block", "several blocks"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_token_gets_the_same_output_alone_or_in_a_chunk(backend):
-    qw = quantize_weight(gaussian(600, 4096), 4)  # several widened blocks in a 12-token product
+def test_a_token_gets_the_same_output_alone_or_in_a_chunk(backend, blocks, monkeypatch):
+    if blocks == "several blocks":  # the CPU kernel widens the matrix in blocks of at most TILE_FLOATS
+        from edgekv.kernels import qlinear_numba
+        monkeypatch.setattr(qlinear_numba, "TILE_FLOATS", 1 << 20)
+    qw = quantize_weight(gaussian(600, 4096), 4)
     x = torch.randn(12, 4096, generator=torch.Generator().manual_seed(12))
     chunk = qlinear(x, qw, backend=backend)
     bound = SUM_RTOL * (x.abs() @ qw.dequantize().abs().t()) + 1e-7

@@ -367,6 +367,18 @@ def test_bench_speed_times_budgets_against_dense_and_reports_the_ceiling(tiny_mo
     assert (tmp_path / "s.png").stat().st_size > 0
 
 
+def test_bench_speed_without_transformers_leaves_out_its_ratios_only(tiny_models, tmp_path, capsys):
+    from edgekv.bench_speed import run_speed_bench
+
+    rows = run_speed_bench(str(tiny_models["llama3"]), [200], decode_tokens=4, plot=tmp_path / "s.png",
+                           threads=None, budgets=["50%"], transformers=False)
+    row = rows[0]
+    assert "transformers" not in row and row["edgekv dense"]["prefill_ratio"] is None
+    assert row["edgekv 4-bit 50%"]["decode_vs_dense"] > 0 and row["edgekv dense"]["decode_tok_s"] > 0
+    assert "transformers left out" in capsys.readouterr().out
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
 def test_teacher_forced_scoring_gives_the_nll_and_greedy_choice_of_each_position(tiny_source, long_text):
     e = Engine(tiny_source, Policy(block_size=16, offload=False))  # dense: rerunning a token changes nothing
     prompt = e.encode(long_text[:1500])

@@ -138,14 +138,22 @@ def test_rotated_values_quantize_an_outlier_channel_better():
     assert (rotated - v)[..., small].norm() < 0.5 * (plain - v)[..., small].norm()
 
 
-def test_truncate_inside_the_compressed_part_keeps_whole_blocks(tmp_path):
+def test_truncate_keeps_the_blocks_a_fresh_prefill_would_have_compressed(tmp_path):
+    """Block 4, window 5: a fresh cache of 30 tokens compresses 6 blocks, one of 10 tokens 1;
+    cut back to 10 and run again, the recent window is exact as in a fresh prefill."""
     cache = small_cache(tmp_path)
     feed(cache, [30])
     rows_before = len(cache.store)
-    assert cache.truncate(30) == 30
-    assert cache.truncate(10) == 8 and cache.num_blocks == 2
+    assert cache.truncate(30) == 30 and cache.num_blocks == 6
+    assert cache.truncate(29) == 29 and cache.num_blocks == 6  # within the exact tail: nothing to drop
+    assert cache.truncate(10) == 4 and cache.num_blocks == 1
     assert len(cache.store) < rows_before
-    assert cache.layer_keys_values(0)[0].shape[1] == 8
+    assert cache.layer_keys_values(0)[0].shape[1] == 4
+    feed(cache, [6], seed=1)
+    fresh = small_cache(tmp_path)
+    feed(fresh, [10])
+    assert (cache.length, cache.num_blocks) == (fresh.length, fresh.num_blocks) == (10, 1)
+    assert cache.exact.tail(0)[0].shape == fresh.exact.tail(0)[0].shape
 
 
 def test_export_then_import_restores_every_value(tmp_path):

@@ -13,8 +13,11 @@ registers (`_widen`). Tiles are split into chunks over `kernel_threads` threads.
 
 More tokens: up to `MATVEC_TOKENS` run the matvec once each (the same output for a token
 alone or in a chunk); a longer prefill chunk (bound by arithmetic) widens a block of
-tiles to fp32 (`_dequant_kernel`, 4 MB, in cache) and torch's fp32 matrix product
-multiplies it: equal up to fp32 summation order.
+tiles to fp32 (`_dequant_kernel`; the whole matrix when it widens to at most 64 MB, so
+the product writes its output in place: 4 MB blocks, each product copied into a column
+slice of the output, took 1.1-1.5x as long at the embedded model's and Qwen2.5-0.5B's
+shapes with 1024 tokens) and torch's fp32 matrix product multiplies it: equal up to
+fp32 summation order.
 
 Measured before choosing (single-token products, 2 threads and 1, on a 2-core AVX-512
 VM shared with other jobs, candidates timed in alternation and compared by their
@@ -57,7 +60,7 @@ from .qlinear import TILE, QuantizedWeight, check_linear_args
 
 CHUNKS_PER_THREAD = 4  # row chunks per thread: other work on a shared core delays one chunk, not a whole half
 MATVEC_TOKENS = 8  # up to this many tokens run the matvec once each (T=7: 1.0-1.4x as fast as widening)
-TILE_FLOATS = 1 << 20  # fp32 weights widened per tile of a multi-token product (4 MB)
+TILE_FLOATS = 1 << 24  # most fp32 weights widened per block of a multi-token product (64 MB)
 NO_ZERO, FLAT_ZERO, SUPER_ZERO = 0, 1, 2
 
 
@@ -259,16 +262,26 @@ def product(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> 
             matvec(xs[t], *arrays, chunks, outs[t])
         out = torch.from_numpy(outs)
     else:
-        padded = torch.zeros(tokens, qw.num_groups * qw.group_size)
-        padded[:, :qw.in_features] = xf
-        out = torch.empty(tokens, tiles * TILE)
-        step = max(1, TILE_FLOATS // (padded.shape[1] * TILE))  # tiles per widened block
-        block = torch.empty(padded.shape[1], min(step, tiles) * TILE)
-        for t0 in range(0, tiles, step):
-            count = min(step, tiles - t0)
-            w = block[:, :count * TILE]
-            dequant(*arrays, t0, min(count, CHUNKS_PER_THREAD * threads), w.numpy())
-            out[:, t0 * TILE:(t0 + count) * TILE] = padded @ w
+        width = qw.num_groups * qw.group_size  # in_features rounded up to whole groups
+        if width == qw.in_features:
+            padded = xf
+        else:
+            padded = torch.zeros(tokens, width)
+            padded[:, :qw.in_features] = xf
+        step = max(1, TILE_FLOATS // (width * TILE))  # tiles per widened block
+        threads_chunks = CHUNKS_PER_THREAD * threads
+        if step >= tiles:  # the whole matrix in one block: the product writes the output itself
+            w = torch.empty(width, tiles * TILE)
+            dequant(*arrays, 0, min(tiles, threads_chunks), w.numpy())
+            out = padded @ w
+        else:
+            out = torch.empty(tokens, tiles * TILE)
+            block = torch.empty(width, step * TILE)
+            for t0 in range(0, tiles, step):
+                count = min(step, tiles - t0)
+                w = block[:, :count * TILE]
+                dequant(*arrays, t0, min(count, threads_chunks), w.numpy())
+                out[:, t0 * TILE:(t0 + count) * TILE] = padded @ w
         out = out[:, :n]
     if bias is not None:
         out = out + bias.float()
