@@ -156,6 +156,38 @@ def test_truncate_keeps_the_blocks_a_fresh_prefill_would_have_compressed(tmp_pat
     assert cache.exact.tail(0)[0].shape == fresh.exact.tail(0)[0].shape
 
 
+def test_a_prefill_keeps_its_decoded_rows_and_attends_exactly_as_decoding_them_all_again(tmp_path):
+    """On the CPU the rows decoded for one chunk are kept for the next (within the RAM
+    budget); attention outputs equal those of a cache that decodes every row per chunk,
+    through a cut back and a prefill after it, and a decode step frees the kept rows."""
+    kept, again = small_cache(tmp_path), small_cache(tmp_path)
+    again._past_bytes = 0
+    outputs = {}
+    for cache in (kept, again):
+        feed(cache, [9, 7, 12, 3, 8])
+        cache.truncate(21)
+        feed(cache, [6, 10], seed=1)
+        outputs[id(cache)] = [tuple(t.clone() for t in cache.layer_keys_values(layer)) for layer in range(2)]
+    assert kept._past is not None and again._past is None
+    assert kept._past.blocks == [kept.num_blocks] * 2
+    for (k1, v1), (k2, v2) in zip(outputs[id(kept)], outputs[id(again)]):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    q = torch.randn(4, 1, 16)
+    k, v = torch.randn(2, 1, 16), torch.randn(2, 1, 16)
+    assert torch.equal(kept.attend(0, q, k, v, k), again.attend(0, q, k, v, k))
+    assert kept._past is None  # the prefill is over
+
+
+def test_decoded_rows_are_kept_only_within_the_ram_budget(tmp_path):
+    cache = small_cache(tmp_path)
+    feed(cache, [30])
+    cache.layer_keys_values(0)
+    assert cache._past.fits(30) and not cache._past.fits(10**6)
+    cache._past.max_bytes = 1
+    keys, _ = cache.layer_keys_values(1)  # over the budget: decoded into the scratch again
+    assert keys.shape[1] == 30 and cache._past.blocks[1] == 0
+
+
 def test_export_then_import_restores_every_value(tmp_path):
     cache = small_cache(tmp_path)
     feed(cache, [13, 6])
