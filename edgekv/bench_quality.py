@@ -33,6 +33,13 @@ the same tokens. Tasks, in the order they run and are reported:
   "what is the default value of parameter P of function F?" and "what does function F
   return?", with F placed at depths 5%..95% of the document; the expected answers come
   from `ast`, so they depend on the running Python's standard library.
+
+passkey and extract at long contexts: with `trials_per_document` above 1, trials share a
+document (named passkeys at spread depths of one haystack; questions about functions at
+spread depths of one source window) asked one after another with the document first in
+the prompt, so its KV is prefilled once per configuration rather than once per trial.
+Every configuration is asked the same trials; besides accuracy, the share of trials
+answered exactly as dense answered them pairs the two runs trial by trial.
 """
 
 from __future__ import annotations
