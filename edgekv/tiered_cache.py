@@ -68,8 +68,7 @@ class DecodedPast:
 
     def _bytes(self, tokens: int) -> int:
         lay = self.layout
-        size = torch.empty(0, dtype=lay.dtype).element_size()
-        return 2 * lay.num_layers * lay.num_kv_heads * tokens * lay.head_dim * size
+        return 2 * lay.num_layers * lay.num_kv_heads * tokens * lay.head_dim * lay.dtype.itemsize
 
     def fits(self, tokens: int) -> bool:
         return self._bytes(tokens) <= self.max_bytes
